@@ -1,0 +1,1 @@
+"""vit-pipeline: distributed ViT pretraining."""

@@ -1,0 +1,374 @@
+"""Typed run configuration: YAML files with inheritance, dotted overrides, validation.
+
+One YAML file describes one run. Merge order: field defaults < inherited file(s) < the file <
+dotted command-line overrides (``optim.lr=3e-4``). The merged tree is validated into the
+:class:`Config` sections below; an unknown or mistyped key is a :class:`ConfigError` that names
+the key, the file that set it and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CLI = "the command line"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with a message naming the key and where it was set."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("run", description="Run name; the run directory is output_dir/name.")
+    stage: Literal["pretrain", "finetune"] = Field("pretrain", description="Which training stage this config runs.")
+    output_dir: str = Field("runs", description="Parent directory of run directories (checkpoints, metrics, resolved config).")
+    seed: int = Field(0, description="Global seed for model init, data order and augmentation.")
+    experiment: str = Field("vit-pipeline", description="MLflow experiment name.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+    pipeline: str | None = Field(None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name.")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class ModelConfig(Section):
+    variant: str = Field("B/16", description="Size and patch, e.g. 'L/16', 'H/14' (see pipeline.model.VARIANTS).")
+    image_size: int = Field(224, gt=0, description="Input resolution in pixels (square).")
+    num_classes: int = Field(1000, ge=0, description="Classifier outputs; 0 for no head.")
+    global_pool: Literal["token", "avg"] = Field("token", description="Pool the class token, or average the patch tokens.")
+    class_token: bool = Field(True, description="Prepend a learned class token.")
+    qkv_bias: bool = Field(True, description="Bias in the fused qkv projection.")
+    pre_logits: int | None = Field(None, description="Width of the tanh pre-logits (representation) layer; None for none.")
+    layer_scale_init: float | None = Field(None, description="Initial LayerScale value; None disables LayerScale.")
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in MLPs and projections.")
+
+    @property
+    def patch_size(self) -> int:
+        from pipeline.model.vit import parse_variant
+
+        return parse_variant(self.variant)[1]
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        from pipeline.model.vit import parse_variant
+
+        try:
+            _, patch = parse_variant(self.variant)
+        except ValueError as e:
+            raise ValueError(f"model.variant: {e}") from None
+        if self.image_size % patch:
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by the patch size {patch} of '{self.variant}'")
+        if self.global_pool == "token" and not self.class_token:
+            raise ValueError("model.global_pool='token' needs model.class_token=true")
+        return self
+
+
+class DataConfig(Section):
+    train_shards: str | None = Field(None, description="Training shards: path, brace pattern, or 'pipe:' command.")
+    eval_shards: str | None = Field(None, description="Evaluation shards: path, brace pattern, or 'pipe:' command.")
+    num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")
+    shuffle_buffer: int = Field(5000, ge=0, description="Samples held in the shuffle buffer of each worker.")
+    samples_per_epoch: int | None = Field(None, gt=0, description="Samples in one pass; default from the shard manifest.")
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel mean, on a 0-1 scale (big_vision/ViT: 0.5).")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel std, on a 0-1 scale.")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range.")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range.")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
+    randaugment: str | None = Field(None, description="RandAugment as 'N,M' (ops, magnitude); None for off.")
+    mixup: float = Field(0.0, ge=0.0, description="MixUp alpha; 0 for off.")
+    cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 for off.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss.")
+    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Evaluation: resize to image_size / crop_pct, then center crop.")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate, after the scaling rule.")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="Rule mapping lr to the global batch: lr * (B / lr_base_batch) or its sqrt.")
+    lr_base_batch: int = Field(4096, gt=0, description="Batch size at which lr is given, for lr_scaling.")
+    weight_decay: float = Field(0.05, ge=0.0, description="Decoupled weight decay (not on norms, biases, pos_embed, cls_token).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr, in optimizer steps.")
+    min_lr: float = Field(0.0, ge=0.0, description="Learning rate at the end of the decay.")
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0, description="Layer-wise LR decay factor; None for off.")
+    layer_decay_buckets: int = Field(4, ge=1, description="Quantise layer-wise LR into this many parameter groups.")
+    clip_grad: float | None = Field(1.0, gt=0.0, description="Global gradient-norm clip; None for off.")
+
+
+class TrainConfig(Section):
+    global_batch_size: int = Field(4096, gt=0, description="Images per optimizer step across all ranks.")
+    micro_batch_size: int = Field(32, gt=0, description="Images per rank per forward pass.")
+    total_steps: int | None = Field(None, gt=0, description="Optimizer steps; or give total_samples or epochs.")
+    total_samples: int | None = Field(None, gt=0, description="Images to train on; sets total_steps.")
+    epochs: float | None = Field(None, gt=0.0, description="Passes over data.samples_per_epoch; sets total_steps.")
+    stop_at_step: int | None = Field(None, gt=0, description="Save and exit cleanly at this step, as a preemption would.")
+    log_every: int = Field(10, gt=0, description="Steps between metric lines.")
+    checkpoint_every: int = Field(1000, gt=0, description="Steps between checkpoints (one is also written at the end).")
+    keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
+    resume: str = Field("auto", description="'auto' (latest in the run directory), 'never', or a checkpoint path.")
+    max_bad_steps: int = Field(0, ge=0, description="Non-finite-loss steps to skip before stopping the run.")
+    device_peak_tflops: float | None = Field(None, gt=0.0, description="Peak bf16 TFLOP/s per device for MFU; default from the device table.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        given = [k for k in ("total_steps", "total_samples", "epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of train.total_steps, train.total_samples, train.epochs, not {given}")
+        return self
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="Training precision (bf16 mixed precision, fp32 master weights).")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass.")
+    checkpoint_every_n_blocks: int = Field(1, ge=1, description="With activation_checkpointing: checkpoint every n-th block.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where ZeRO keeps optimizer states.")
+    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="ZeRO-3: where parameters live between uses.")
+    nvme_path: str | None = Field(None, description="Local NVMe directory for nvme offload.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with the backward pass.")
+    contiguous_gradients: bool = Field(True, description="Copy gradients into one buffer as they are produced.")
+    reduce_bucket_size: int = Field(500_000_000, gt=0, description="Elements per gradient reduce bucket.")
+    allgather_bucket_size: int = Field(500_000_000, gt=0, description="ZeRO-1/2: elements per parameter all-gather bucket.")
+    stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO-3: elements prefetched ahead of use.")
+    stage3_param_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters smaller than this stay whole.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeepSpeedConfig":
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
+            raise ValueError("nvme offload needs deepspeed.nvme_path")
+        return self
+
+
+class FinetuneConfig(Section):
+    init_from: str | None = Field(None, description="Pretraining checkpoint directory or .safetensors file to start from.")
+    reset_head: bool = Field(False, description="Re-initialise the head even when the class count matches.")
+    freeze_backbone: bool = Field(False, description="Train the head only (linear probe).")
+
+
+class EvalConfig(Section):
+    checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate.")
+    micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass.")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig, description="Run identity and tracking.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The ViT.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Shards, decoding and augmentation.")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer and schedule.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Batch, length, logging, checkpoints.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed engine settings.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning source and options.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.run.stage == "finetune" and not self.finetune.init_from:
+            raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors file)")
+        if self.deepspeed.zero_stage == 0 and self.deepspeed.offload_optimizer != "none":
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse a batch that does not split evenly over ``world_size`` ranks."""
+        per_step = self.train.micro_batch_size * world_size
+        if self.train.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
+                f"train.micro_batch_size x world size = {self.train.micro_batch_size} x {world_size} = {per_step}"
+            )
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        self.check_world_size(world_size)
+        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """The config as ``{'optim.lr': 0.001, ...}``, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``3e-4`` as a float (YAML 1.1 wants ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_scalar(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config path as given, else ``configs/NAME`` (``.yaml`` may be left off)."""
+    candidates = [Path(name)]
+    for base in (Path.cwd() / "configs", CONFIG_DIR):
+        candidates += [base / name, base / f"{name}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path.resolve()
+    raise ConfigError(f"config '{name}' not found (looked for it as a path and under {CONFIG_DIR})")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
+    """Read a file and what it inherits. Returns the merged tree and, per dotted key, its file."""
+    if path in chain:
+        raise ConfigError(f"{path}: inherit cycle: {' -> '.join(map(str, chain + (path,)))}")
+    try:
+        tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
+    parent = tree.pop("inherit", None)
+    merged: dict = {}
+    origin: dict[str, str] = {}
+    if parent:
+        parent_path = (path.parent / parent).resolve()
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: inherit: '{parent}' not found (looked at {parent_path})")
+        merged, origin = _read_yaml(parent_path, chain + (path,))
+    _merge(merged, tree, origin, str(path))
+    return merged, origin
+
+
+def _merge(base: dict, update: dict, origin: dict[str, str], source: str, prefix: str = "") -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, source, f"{dotted}.")
+        else:
+            base[key] = value
+            for leaf in _flatten({key: value}, prefix):
+                origin[leaf] = source
+            origin[dotted] = source
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def apply_override(tree: dict, origin: dict[str, str], override: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as a YAML scalar."""
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{CLI}: override '{override}' is not of the form section.key=value")
+    key = key.strip()
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{CLI}: override '{override}': '{part}' is not a section")
+    node[leaf] = parse_scalar(text)
+    origin[key] = CLI
+
+
+def _check_keys(tree: dict, origin: dict[str, str]) -> None:
+    """Name every unknown key with its file and the closest valid key."""
+
+    def walk(node: dict, schema: type[BaseModel], prefix: str) -> None:
+        fields = schema.model_fields
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if key not in fields:
+                valid = [f"{prefix}{name}" for name in fields]
+                close = difflib.get_close_matches(dotted, valid, n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+                raise ConfigError(f"{origin.get(dotted, CLI)}: unknown key '{dotted}'{hint}")
+            sub = fields[key].annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{origin.get(dotted, CLI)}: '{dotted}' must be a section (a mapping), got {value!r}")
+                walk(value, sub, f"{dotted}.")
+
+    walk(tree, Config, "")
+
+
+def load_config(
+    name: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    world_size: int | None = None,
+) -> Config:
+    """Load, merge, override and validate a config.
+
+    ``name`` is a path or a file name under ``configs/`` (None for the defaults). With
+    ``world_size``, also checks that the global batch splits over that many ranks.
+    """
+    tree: dict = {}
+    origin: dict[str, str] = {}
+    source = CLI
+    if name is not None:
+        path = resolve_path(name)
+        tree, origin = _read_yaml(path)
+        source = str(path)
+    for override in overrides:
+        apply_override(tree, origin, override)
+    _check_keys(tree, origin)
+    try:
+        config = Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, origin, source)) from None
+    if world_size is not None:
+        config.check_world_size(world_size)
+    return config
+
+
+def _explain(error: ValidationError, origin: dict[str, str], source: str) -> str:
+    lines = []
+    for item in error.errors():
+        loc = ".".join(str(p) for p in item["loc"] if not isinstance(p, int))
+        # A cross-field error names its keys; blame where those were set, the command line first.
+        named = [origin[k] for k in re.findall(r"\b[a-z_]+\.[a-z_0-9]+\b", item["msg"]) if k in origin]
+        where = (CLI if CLI in named else named[0]) if named else origin.get(loc, source)
+        message = item["msg"].removeprefix("Value error, ")
+        if loc and not message.startswith(loc):
+            message = f"'{loc}': {message}" + (f" (got {item['input']!r})" if item["type"] != "value_error" else "")
+        lines.append(f"{where}: {message}")
+    return "invalid config:\n  " + "\n  ".join(lines)

@@ -1,0 +1,20 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads from fighting the multi-rank tests.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
+    """Write a YAML file under tmp_path and return its path."""
+
+    def write(name: str, text: str):
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    return write
