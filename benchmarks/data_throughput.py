@@ -1,0 +1,146 @@
+#!/usr/bin/env python
+"""Decode + RandomResizedCrop(224) + flip throughput: the plain PIL path against our fast path.
+
+Input: 7 real photos from scikit-image at 500x375 (ImageNet-like) and 1600x1200 (web originals),
+JPEG q=90, written into WebDataset shards. Measures images/s in one process with one thread (what
+one DataLoader worker gets), alternating the two paths round by round, then the end-to-end
+training loader with 1 and 2 workers. Prints a table, then one JSON line.
+
+    python benchmarks/data_throughput.py            # needs the bench extra: pip install -e '.[bench]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.data import TrainLoader, TrainStream, TrainTransform, resolve_shards  # noqa: E402
+from pipeline.data.transforms import baseline_train_transform  # noqa: E402
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
+SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
+
+
+def photos_as_jpeg(width: int, height: int) -> list[bytes]:
+    import skimage.data
+
+    out = []
+    for name in PHOTOS:
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        buffer = io.BytesIO()
+        image.resize((width, height), Image.Resampling.LANCZOS).save(buffer, format="JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def write_shard(images: list[bytes], path: Path, copies: int) -> None:
+    with wds.TarWriter(str(path)) as sink:
+        for i, data in enumerate(images * copies):
+            sink.write({"__key__": f"img{i:05d}", "jpg": data, "cls": str(i % len(images)).encode()})
+
+
+def per_process_rates(images: list[bytes], rounds: int, passes: int) -> dict[str, float]:
+    """Median images/s per path over ``rounds``, the paths alternating within each round."""
+    baseline, fast = baseline_train_transform(224), TrainTransform(224)
+    rng = random.Random(0)
+    paths = {"baseline": lambda data: baseline(data), "fast": lambda data: fast(data, rng)}
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            for data in images * passes:
+                fn(data)
+            rates[name].append(len(images) * passes / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def loader_rate(shard: Path, workers: int, seconds: float, batch_size: int = 64) -> float:
+    shards = resolve_shards(str(shard))
+    stream = TrainStream(shards, TrainTransform(224), batch_size=batch_size, seed=0, num_workers=workers,
+                         samples_per_epoch=10_000, shuffle_buffer=256)
+    batches = iter(TrainLoader(stream))
+    next(batches)  # workers started and warmed up
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        next(batches)
+        count += batch_size
+    return count / (time.perf_counter() - start)
+
+
+def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
+    """nvjpeg decode + resized crop on the GPU, images/s (batched decode), where CUDA is present."""
+    if not torch.cuda.is_available():
+        return None
+    from torchvision.io import decode_jpeg
+    from torchvision.transforms.v2.functional import resized_crop
+
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images * passes]
+    decode_jpeg(encoded[:8], device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for chunk in range(0, len(encoded), 64):
+        for image in decode_jpeg(encoded[chunk:chunk + 64], device="cuda"):
+            resized_crop(image, 0, 0, image.shape[-2] // 2, image.shape[-1] // 2, [224, 224], antialias=True)
+    torch.cuda.synchronize()
+    return len(encoded) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per path (median taken)")
+    parser.add_argument("--passes", type=int, default=6, help="passes over the 7 photos per round")
+    parser.add_argument("--loader-seconds", type=float, default=8.0, help="timed seconds per loader run")
+    parser.add_argument("--workers", default="1,2", help="loader worker counts to measure")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one DataLoader worker's share
+
+    rows, figures = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (width, height) in SIZES.items():
+            images = photos_as_jpeg(width, height)
+            rates = per_process_rates(images, args.rounds, args.passes)
+            speedup = rates["fast"] / rates["baseline"]
+            figures[f"speedup_{label}"] = round(speedup, 3)
+            figures[f"baseline_{label}_img_s"] = round(rates["baseline"], 1)
+            figures[f"fast_{label}_img_s"] = round(rates["fast"], 1)
+            rows.append((label, "1 process, 1 thread", "baseline (PIL + RandomResizedCrop)", rates["baseline"]))
+            rows.append((label, "1 process, 1 thread", "fast (header box + draft / box decode)", rates["fast"]))
+            shard = Path(tmp) / f"{label}.tar"
+            write_shard(images, shard, copies=20)
+            for workers in (int(w) for w in args.workers.split(",")):
+                rate = loader_rate(shard, workers, args.loader_seconds)
+                figures[f"loader_{label}_{workers}w_img_s"] = round(rate, 1)
+                rows.append((label, f"loader, {workers} worker(s)", "fast, end to end (batches of 64)", rate))
+            gpu = gpu_decode_rate(images, args.passes)
+            if gpu is not None:
+                figures[f"gpu_nvjpeg_{label}_img_s"] = round(gpu, 1)
+                rows.append((label, torch.cuda.get_device_name(), "nvjpeg decode + resized crop", gpu))
+
+    print(f"{'input':<10} {'setting':<24} {'path':<40} {'images/s':>9}")
+    for label, setting, path, rate in rows:
+        print(f"{label:<10} {setting:<24} {path:<40} {rate:>9.1f}")
+    print(f"speedup (fast / baseline): 500x375 {figures['speedup_500x375']:.2f}x, "
+          f"1600x1200 {figures['speedup_1600x1200']:.2f}x  (targets: >= 1.1x, >= 2.0x)")
+    figures.update(machine=platform.machine(), cpu_count=os.cpu_count(),
+                   torch=torch.__version__)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Preflight: read every shard of a dataset folder before a job is queued on it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from tqdm import tqdm
+
+from pipeline.data.shards import resolve_shards
+from pipeline.data.stream import decode_sample
+from pipeline.data.transforms import decode_rgb
+
+
+@dataclass
+class SplitReport:
+    split: str
+    shards: int
+    samples: int
+    expected: int
+    histogram: Counter = field(default_factory=Counter)
+    unreadable: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, error)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unreadable and self.samples == self.expected
+
+
+def check_split(manifest_path: Path, progress: bool = True) -> SplitReport:
+    shards = resolve_shards(str(manifest_path))
+    report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0)
+    for url in tqdm(shards.urls, desc=f"check {report.split}", unit="shard", disable=not progress):
+        key = None
+        try:
+            for sample in wds.tarfile_samples([{"url": url}]):
+                key = sample.get("__key__")
+                report.samples += 1
+                try:
+                    _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None)
+                    report.histogram[label] += 1
+                except Exception as e:  # noqa: BLE001 - every failure is reported
+                    report.unreadable.append((url, key, str(e)))
+        except Exception as e:  # noqa: BLE001
+            report.unreadable.append((url, f"after {key}", f"unreadable tar: {e}"))
+    return report
+
+
+def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, progress: bool = True) -> tuple[bool, str]:
+    """Check every ``{split}.json`` in ``directory``; returns (ok, a readable report)."""
+    directory = Path(directory)
+    manifests = sorted(directory.glob("*.json"))
+    if not manifests:
+        return False, f"no shard manifests (*.json) in '{directory}'"
+    lines, ok = [], True
+    for path in manifests:
+        report = check_split(path, progress)
+        classes = json.loads(path.read_text()).get("classes", [])
+        needed = world_size * max(workers, 1)
+        enough = report.shards >= needed
+        ok &= report.ok and (enough or report.split != "train")
+        lines.append(f"{report.split}: {report.samples:,} samples in {report.shards} shards "
+                     f"(manifest: {report.expected:,}){'' if report.samples == report.expected else '  MISMATCH'}")
+        counts = ", ".join(f"{classes[c] if c < len(classes) else c}: {n}" for c, n in sorted(report.histogram.items()))
+        lines.append(f"  classes ({len(report.histogram)}): {counts}")
+        if report.split == "train":
+            lines.append(f"  shards for {world_size} ranks x {workers} workers = {needed} streams: "
+                         + ("enough" if enough else f"TOO FEW ({report.shards}); streams would read the same shards"))
+        else:
+            lines.append("  evaluation splits by sample, so any shard count serves any ranks x workers")
+        lines.append(f"  unreadable: {len(report.unreadable)}")
+        lines += [f"    {shard} key={key}: {error}" for shard, key, error in report.unreadable[:50]]
+    lines.append("preflight: OK" if ok else "preflight: FAILED")
+    return ok, "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Image sources for shard writing: scikit-learn's digits, an image folder, or a CSV list."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+
+
+@dataclass
+class Item:
+    """One source sample: a key, a label index and a way to read its encoded bytes."""
+
+    key: str
+    label: int
+    ext: str  # "jpg", "png" or "webp"
+    read: Callable[[], bytes]
+    origin: str  # where it came from, for messages
+
+
+@dataclass
+class Source:
+    items: list[Item]
+    classes: list[str]
+    description: str
+
+
+def open_source(spec: str) -> Source:
+    """``digits``, ``imagefolder:PATH`` or ``list:FILE.csv``."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return digits_source()
+    if kind == "imagefolder" and arg:
+        return imagefolder_source(Path(arg))
+    if kind == "list" and arg:
+        return list_source(Path(arg))
+    raise ValueError(f"unknown --source '{spec}': use digits, imagefolder:PATH or list:FILE.csv")
+
+
+def digits_source() -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images), stored losslessly as grayscale PNG."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16; spread them over 0..255 exactly (16 * 255 / 16 = 255).
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+
+    def reader(image: np.ndarray) -> Callable[[], bytes]:
+        def read() -> bytes:
+            buffer = io.BytesIO()
+            Image.fromarray(image, mode="L").save(buffer, format="PNG")
+            return buffer.getvalue()
+
+        return read
+
+    items = [
+        Item(f"digits-{i:05d}", int(label), "png", reader(pixels[i]), f"digits[{i}]")
+        for i, label in enumerate(digits.target)
+    ]
+    return Source(items, [str(c) for c in digits.target_names], "scikit-learn digits")
+
+
+def imagefolder_source(root: Path) -> Source:
+    """ImageNet-style ``root/CLASS/*.jpg``; labels are indices of the sorted class names."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"imagefolder: '{root}' is not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"imagefolder: '{root}' has no class sub-directories")
+    items = []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
+            if ext and path.is_file():
+                key = f"{name}/{path.relative_to(root / name).with_suffix('')}"
+                items.append(Item(_safe_key(key), label, ext, path.read_bytes, str(path)))
+    if not items:
+        raise ValueError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'")
+    return Source(items, classes, f"imagefolder:{root}")
+
+
+def list_source(csv_path: Path) -> Source:
+    """A CSV of ``path,label`` rows (an optional header); paths relative to the CSV's folder.
+    Integer labels are used as they are; otherwise labels are class names, indexed sorted."""
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"list: '{csv_path}' not found")
+    with csv_path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and not row[0].startswith("#")]
+    if rows and rows[0][-1].strip().lower() == "label":
+        rows = rows[1:]
+    for number, row in enumerate(rows, 1):
+        if len(row) != 2:
+            raise ValueError(f"{csv_path}: row {number} has {len(row)} fields, expected path,label: {row}")
+    labels = [label.strip() for _, label in rows]
+    if all(label.lstrip("-").isdigit() for label in labels):
+        indices = [int(label) for label in labels]
+        classes = [str(c) for c in range(max(indices) + 1)] if indices else []
+    else:
+        classes = sorted(set(labels))
+        indices = [classes.index(label) for label in labels]
+    items = []
+    for (path_text, _), label in zip(rows, indices):
+        path = (csv_path.parent / path_text.strip()).resolve()
+        ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
+        if ext is None:
+            raise ValueError(f"{csv_path}: '{path_text}' is not a .jpg, .png or .webp file")
+        items.append(Item(_safe_key(path_text.strip().rsplit(".", 1)[0]), label, ext, path.read_bytes, str(path)))
+    return Source(items, classes, f"list:{csv_path}")
+
+
+def _safe_key(key: str) -> str:
+    # WebDataset splits a member name at its first dot: keep dots out of keys.
+    return key.replace(".", "_").replace("\\", "/")

@@ -1,0 +1,332 @@
+"""Training and evaluation streams over WebDataset shards.
+
+Training: resampled shards seeded by (seed, rank, worker, epoch) -> tar samples -> shuffle buffer
+-> decode + augment -> batches of uint8 tensors, all in DataLoader workers. Each batch carries its
+worker's position so that the loader can save it and a restored loader yields exactly the batches
+the uninterrupted run would have yielded (same world size and worker count).
+
+Evaluation: every sample exactly once across ranks and workers, by global sample index; every
+rank yields the same number of batches (padded and masked), so collective forwards never hang.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+from functools import partial
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.shards import ShardSet
+
+log = logging.getLogger(__name__)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MAX_CONSECUTIVE_SHARD_ERRORS = 50
+
+
+def seed_of(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integer parts (the same in every process)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def decode_sample(sample: dict, transform: Callable, rng: random.Random | None) -> tuple[torch.Tensor, int]:
+    """A tar sample -> (uint8 image (3, S, S), label). Raises ValueError naming what is missing."""
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise ValueError(f"no image (.{', .'.join(IMAGE_KEYS)}) in {sorted(k for k in sample if not k.startswith('__'))}")
+    if "cls" not in sample:
+        raise ValueError("no label (.cls)")
+    label = int(sample["cls"].decode("ascii").strip())
+    return transform(sample[image_key], rng), label
+
+
+def _where(sample: dict) -> str:
+    return f"key '{sample.get('__key__')}' in shard '{sample.get('__url__')}'"
+
+
+class _ShardErrors:
+    """webdataset handler: warn about an unreadable shard, count it, and give up if nothing reads."""
+
+    def __init__(self):
+        self.count = 0
+        self.consecutive = 0
+
+    def short(self, url: str, expected: int, got: int) -> None:
+        """A shard that ended early (Python's streaming tar reader is silent about truncation)."""
+        self.count += expected - got
+        log.warning("shard '%s' gave %d of its %d samples (truncated?): %d skipped", url, got, expected, expected - got)
+
+    def __call__(self, exn: Exception) -> bool:
+        self.count += 1
+        self.consecutive += 1
+        log.warning("unreadable shard data, skipped: %r", exn)
+        if self.consecutive >= MAX_CONSECUTIVE_SHARD_ERRORS:
+            raise RuntimeError(f"{self.consecutive} shard reads failed in a row; last: {exn!r}") from exn
+        return True
+
+
+def read_shards(sources: Iterator[dict], expected: dict[str, int], errors: _ShardErrors) -> Iterator[dict]:
+    """Samples of each shard in turn; a shard shorter than its manifest count is reported."""
+    for source in sources:
+        got = 0
+        for got, sample in enumerate(wds.tarfile_samples([source], handler=errors), start=1):
+            yield sample
+        if got < expected.get(source["url"], 0):
+            errors.short(source["url"], expected[source["url"]], got)
+
+
+
+class TrainStream(IterableDataset):
+    """Infinite training batches ``{"images": uint8 (b,3,S,S), "labels": int64 (b,)}`` for one rank."""
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        transform: Callable,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        samples_per_epoch: int | None = None,
+        shuffle_buffer: int = 5000,
+    ):
+        samples_per_epoch = samples_per_epoch or shards.num_samples
+        if not samples_per_epoch:
+            raise ValueError(f"samples_per_epoch is unknown for '{shards.spec}': give a manifest or data.samples_per_epoch")
+        self.urls = shards.urls
+        self.expected = dict(zip(shards.urls, shards.counts)) if shards.counts is not None else {}
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = num_workers
+        self.samples_per_epoch = samples_per_epoch
+        # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
+        self.samples_per_worker_epoch = max(1, samples_per_epoch // (world_size * max(num_workers, 1)))
+        self.shuffle_buffer = shuffle_buffer
+        self.start: dict[int, tuple[int, int, int]] = {}  # logical worker -> (epoch, index, skipped)
+        self.rotation = 0  # logical worker = (physical + rotation) % workers
+
+    def epoch_samples(self, worker: int, epoch: int, errors: _ShardErrors) -> Iterator[dict]:
+        """The raw (undecoded) samples of one worker's epoch, in their shuffled order."""
+        shard_rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, 0))
+        resampled = ({"url": shard_rng.choice(self.urls)} for _ in itertools.count())
+        buffer = self.shuffle_buffer
+        return wds.DataPipeline(
+            lambda: resampled,  # resampled shards, seeded by (seed, rank, worker, epoch)
+            partial(read_shards, expected=self.expected, errors=errors),  # tar -> {"__key__", "jpg", "cls"}
+            wds.shuffle(buffer, initial=min(buffer, 1000), rng=random.Random(seed_of(self.seed, self.rank, worker, epoch, 1))),
+            wds.slice(self.samples_per_worker_epoch),  # this worker's share of the epoch
+        ).iterator()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.rotation) % workers
+        epoch, index, skipped = self.start.get(worker, (0, 0, 0))
+        errors = _ShardErrors()
+        images, labels = [], []
+        while True:
+            # Resume inside an epoch by skipping raw samples, before any decoding.
+            samples = itertools.islice(self.epoch_samples(worker, epoch, errors), index, None)
+            for index, sample in enumerate(samples, start=index + 1):
+                errors.consecutive = 0
+                rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, index))
+                try:
+                    image, label = decode_sample(sample, self.transform, rng)
+                except Exception as e:  # noqa: BLE001 - a bad sample must not stop training
+                    skipped += 1
+                    log.warning("skipped unreadable sample (%s): %s", _where(sample), e)
+                    continue
+                images.append(image)
+                labels.append(label)
+                if len(images) == self.batch_size:
+                    yield {
+                        "images": torch.stack(images),
+                        "labels": torch.tensor(labels, dtype=torch.int64),
+                        "position": torch.tensor([worker, epoch, index, skipped + errors.count]),
+                    }
+                    images, labels = [], []
+            epoch, index = epoch + 1, 0
+
+
+class TrainLoader:
+    """A DataLoader over :class:`TrainStream` whose position can be saved and restored."""
+
+    def __init__(self, stream: TrainStream, *, pin_memory: bool = False, prefetch_factor: int = 2):
+        self.stream = stream
+        self.num_workers = stream.num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.batches = 0
+        self.positions: dict[int, tuple[int, int, int]] = {}
+
+    @property
+    def skipped(self) -> int:
+        """Samples (and unreadable shard reads) skipped so far on this rank."""
+        return sum(p[2] for p in self.positions.values())
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Micro-batches per epoch on this rank; independent of the worker count."""
+        return self.stream.samples_per_epoch // (self.stream.batch_size * self.stream.world_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        workers = max(self.num_workers, 1)
+        self.stream.rotation = self.batches % workers  # the next batch is logical worker (n % workers)'s
+        self.stream.start = dict(self.positions)
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+            persistent_workers=False,
+        )
+        for batch in loader:
+            worker, epoch, index, skipped = batch.pop("position").tolist()
+            self.positions[worker] = (epoch, index, skipped)
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {
+            "batches": self.batches,
+            "positions": {str(k): list(v) for k, v in self.positions.items()},
+            "num_workers": self.num_workers,
+            "world_size": self.stream.world_size,
+            "seed": self.stream.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = int(state["batches"])
+        positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+        same = state["num_workers"] == self.num_workers and state["world_size"] == self.stream.world_size
+        if same:
+            self.positions = positions
+        else:
+            # Another layout cannot replay the same order: start every worker on a fresh epoch.
+            next_epoch = 1 + max((p[0] for p in positions.values()), default=-1)
+            skipped = sum(p[2] for p in positions.values())
+            log.warning(
+                "data position saved with %s workers x %s ranks, now %s x %s: the stream restarts at epoch %d",
+                state["num_workers"], state["world_size"], self.num_workers, self.stream.world_size, next_epoch,
+            )
+            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0) for w in range(max(self.num_workers, 1))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of sizes differing by at most one."""
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, read without decoding."""
+    return sum(1 for _ in wds.tarfile_samples([{"url": url}]))
+
+
+class EvalStream(IterableDataset):
+    """Each sample of ``shards`` exactly once over all ranks and workers, as padded, masked batches
+    ``{"images", "labels", "mask", "index", "skipped"}`` (``index``: global sample index, -1 for
+    padding); an undecodable sample is masked and counted in ``skipped``."""
+
+    def __init__(self, shards: ShardSet, transform: Callable, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, image_size: int):
+        self.urls = shards.urls
+        self.counts = shards.counts if shards.counts is not None else [count_samples(u) for u in shards.urls]
+        self.transform = transform
+        self.batch_size = batch_size
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.num_samples = sum(self.counts)
+        # Rank r holds global samples [lo, hi); its workers split that range again.
+        self.ranges = [
+            [(lo + a, lo + b) for a, b in split_evenly(hi - lo, max(num_workers, 1))]
+            for lo, hi in split_evenly(self.num_samples, world_size)
+        ]
+        per_rank = [sum(math.ceil((b - a) / batch_size) for a, b in rank_ranges) for rank_ranges in self.ranges]
+        self.batches_per_rank = max(per_rank)  # every rank runs this many forwards
+
+    def _samples(self, lo: int, hi: int) -> Iterator[tuple[int, dict | None]]:
+        """(global index, raw sample) for [lo, hi); ``None`` for samples a damaged shard lost."""
+        end = 0
+        for url, count in zip(self.urls, self.counts):
+            start, end = end, end + count
+            if end <= lo or start >= hi:
+                continue
+            index = start
+            try:
+                for sample in wds.tarfile_samples([{"url": url}]):
+                    if index >= min(end, hi):
+                        break
+                    if index >= lo:
+                        yield index, sample
+                    index += 1
+            except Exception as e:  # noqa: BLE001 - a damaged shard loses its samples, not the run
+                log.warning("unreadable shard '%s' after %d samples: %r", url, index - start, e)
+            for missing in range(max(index, lo), min(end, hi)):
+                yield missing, None
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        lo, hi = self.ranges[self.rank][info.id if info else 0]
+        size, batch = self.image_size, self.batch_size
+        images, labels, mask, indices, skipped = [], [], [], [], 0
+        for index, sample in self._samples(lo, hi):
+            try:
+                if sample is None:
+                    raise ValueError("lost in a damaged shard")
+                image, label = decode_sample(sample, self.transform, None)
+                ok = True
+            except Exception as e:  # noqa: BLE001
+                log.warning("skipped unreadable sample (%s): %s", _where(sample or {}), e)
+                image, label, ok = torch.zeros(3, size, size, dtype=torch.uint8), -1, False
+                skipped += 1
+            images.append(image)
+            labels.append(label)
+            mask.append(ok)
+            indices.append(index)
+            if len(images) == batch:
+                yield self._batch(images, labels, mask, indices, skipped)
+                images, labels, mask, indices, skipped = [], [], [], [], 0
+        if images:
+            yield self._batch(images, labels, mask, indices, skipped)
+
+    def _batch(self, images, labels, mask, indices, skipped) -> dict:
+        pad = self.batch_size - len(images)
+        images = images + [torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)] * pad
+        return {
+            "images": torch.stack(images),
+            "labels": torch.tensor(labels + [-1] * pad, dtype=torch.int64),
+            "mask": torch.tensor(mask + [False] * pad),
+            "index": torch.tensor(indices + [-1] * pad, dtype=torch.int64),
+            "skipped": torch.tensor(skipped),
+        }
+
+    def empty_batch(self) -> dict:
+        return self._batch([], [], [], [], 0)
+
+
+def eval_batches(stream: EvalStream) -> Iterator[dict]:
+    """The rank's evaluation batches, padded with empty ones so every rank yields the same count."""
+    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers)
+    count = 0
+    for count, batch in enumerate(loader, start=1):
+        yield batch
+    if count > stream.batches_per_rank:
+        raise RuntimeError(f"evaluation stream gave {count} batches, more than its plan of {stream.batches_per_rank}")
+    for _ in range(stream.batches_per_rank - count):
+        yield stream.empty_batch()

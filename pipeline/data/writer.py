@@ -1,0 +1,139 @@
+"""Write WebDataset shards and their manifests: ``DIR/{split}-NNNNNN.tar`` + ``DIR/{split}.json``."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from pipeline.data.sources import Item, Source
+
+log = logging.getLogger(__name__)
+
+
+TAR_BLOCK = 512
+TAR_END = 2 * TAR_BLOCK  # two zero blocks close a tar
+TAR_RECORD = 20 * TAR_BLOCK  # and the file is padded to whole records
+
+
+def _tar_member_size(num_bytes: int) -> int:
+    return TAR_BLOCK + -(-num_bytes // TAR_BLOCK) * TAR_BLOCK
+
+
+def split_items(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """A deterministic train/val split. Train is shuffled (so shards mix classes); val keeps order."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    num_val = round(len(items) * val_fraction)
+    val = sorted(order[:num_val])
+    splits = {"train": [items[i] for i in order[num_val:]]}
+    if num_val:
+        splits["val"] = [items[i] for i in val]
+    return splits
+
+
+def reencode(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
+    """Shrink an image whose longer side exceeds ``max_side`` (JPEG q=90); others pass as they are."""
+    with Image.open(io.BytesIO(data)) as image:
+        if max(image.size) <= max_side:
+            return data, ext
+        image = ImageOps.exif_transpose(image)  # re-encoding drops EXIF: apply its orientation now
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        if image.mode not in ("RGB", "L"):
+            from pipeline.data.transforms import to_rgb
+
+            image = to_rgb(image)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=90)
+        return out.getvalue(), "jpg"
+
+
+def write_split(
+    items: list[Item],
+    out_dir: Path,
+    split: str,
+    classes: list[str],
+    *,
+    max_count: int = 10_000,
+    max_bytes: float = 1e9,
+    max_side: int | None = None,
+    source: str = "",
+    progress: bool = True,
+) -> dict:
+    """Write one split's shards and manifest; returns the manifest. Unreadable inputs are skipped
+    and listed in the manifest under ``skipped``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts: dict[str, int] = {}
+    skipped = []
+    # The shard is rolled over here, on true tar sizes: ShardWriter's maxsize counts payload bytes
+    # only, and for small images the 512-byte tar headers and padding are most of the file.
+    writer = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=float("inf"), maxsize=float("inf"), verbose=0,
+                             mtime=0)  # a fixed integer mtime: reproducible shards, no PAX header per member
+    shard_bytes = TAR_END
+    try:
+        for item in tqdm(items, desc=f"{split} shards", unit="img", disable=not progress):
+            try:
+                data, ext = item.read(), item.ext
+                if not data:
+                    raise ValueError("empty file")
+                if max_side:
+                    data, ext = reencode(data, ext, max_side)
+            except Exception as e:  # noqa: BLE001 - any unreadable input is reported and skipped
+                log.warning("skipping %s: %s", item.origin, e)
+                skipped.append({"origin": item.origin, "error": str(e)})
+                continue
+            sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
+            size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
+            too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
+            if writer.count and (writer.count >= max_count or too_big):
+                writer.next_stream()
+                shard_bytes = TAR_END
+            writer.write(sample)
+            shard_bytes += size
+            name = Path(writer.fname).name
+            counts[name] = counts.get(name, 0) + 1
+    finally:
+        writer.close()
+    manifest = {
+        "split": split,
+        "num_samples": sum(counts.values()),
+        "num_classes": len(classes),
+        "classes": classes,
+        "shards": [
+            {"url": name, "num_samples": n, "num_bytes": (out_dir / name).stat().st_size} for name, n in counts.items()
+        ],
+        "source": source,
+        "skipped": skipped,
+    }
+    (out_dir / f"{split}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def write_shards(
+    source: Source,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_count: int = 10_000,
+    max_bytes: float = 1e9,
+    max_side: int | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Split ``source`` and write each split's shards under ``out_dir``; returns the manifests."""
+    out_dir = Path(out_dir)
+    return {
+        split: write_split(
+            items, out_dir, split, source.classes, max_count=max_count, max_bytes=max_bytes,
+            max_side=max_side, source=source.description, progress=progress,
+        )
+        for split, items in split_items(source.items, val_fraction, seed).items()
+    }

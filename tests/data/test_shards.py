@@ -1,0 +1,139 @@
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline.data import resolve_shards
+from pipeline.data.sources import digits_source, open_source
+from pipeline.data.writer import split_items, write_shards
+
+from .conftest import jpeg_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def read_all(manifest: Path) -> list[dict]:
+    shards = resolve_shards(str(manifest))
+    return [s for url in shards.urls for s in wds.tarfile_samples([{"url": url}])]
+
+
+def test_make_shards_digits_writes_every_digit(tmp_path):
+    out = tmp_path / "digits"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch/make_shards.py"), "--source", "digits", "--out", str(out),
+         "--val-fraction", "0.2", "--max-count", "500", "--quiet"],
+        capture_output=True, text=True, check=True,
+    )
+    assert "train:" in result.stdout
+    train, val = (json.loads((out / f"{s}.json").read_text()) for s in ("train", "val"))
+    assert train["num_samples"] + val["num_samples"] == 1797
+    assert val["num_samples"] == round(1797 * 0.2)
+    assert train["classes"] == [str(i) for i in range(10)] and train["num_classes"] == 10
+    assert [s["url"] for s in train["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert all(s["num_samples"] <= 500 for s in train["shards"])
+    keys = set()
+    for split in ("train", "val"):
+        samples = read_all(out / f"{split}.json")
+        assert len(samples) == json.loads((out / f"{split}.json").read_text())["num_samples"]
+        keys |= {s["__key__"] for s in samples}
+    assert len(keys) == 1797
+    # Lossless: the PNG holds the digit exactly.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    sample = next(s for s in read_all(out / "val.json"))
+    index = int(sample["__key__"].split("-")[1])
+    pixels = np.asarray(Image.open(io.BytesIO(sample["png"])))
+    np.testing.assert_array_equal(pixels, np.round(digits.images[index] * 255 / 16).astype(np.uint8))
+    assert int(sample["cls"]) == digits.target[index]
+
+
+def test_split_is_deterministic_and_disjoint():
+    items = digits_source().items
+    a, b = split_items(items, 0.25, seed=3), split_items(items, 0.25, seed=3)
+    assert [i.key for i in a["val"]] == [i.key for i in b["val"]]
+    assert {i.key for i in a["train"]}.isdisjoint({i.key for i in a["val"]})
+    assert [i.key for i in split_items(items, 0.25, seed=4)["val"]] != [i.key for i in a["val"]]
+    with pytest.raises(ValueError, match="val-fraction"):
+        split_items(items, 1.0, seed=0)
+
+
+def test_byte_limit_splits_shards(tmp_path):
+    manifests = write_shards(digits_source(), tmp_path, val_fraction=0.0, max_bytes=50_000, progress=False)
+    shards = manifests["train"]["shards"]
+    assert len(shards) > 3 and "val" not in manifests
+    assert all(40_000 < s["num_bytes"] <= 50_000 for s in shards[:-1])
+    assert sum(s["num_samples"] for s in shards) == 1797
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "folder"
+    rng = np.random.default_rng(0)
+    for name in ["cat", "dog"]:
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            (root / name / f"{name}.{i}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (900, 600, 3), dtype=np.uint8)))
+    Image.new("RGBA", (40, 30), (1, 2, 3, 128)).save(root / "dog" / "small.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"")
+    return root
+
+
+def test_imagefolder_source_with_max_side(image_folder, tmp_path):
+    manifests = write_shards(open_source(f"imagefolder:{image_folder}"), tmp_path / "out", val_fraction=0.0,
+                             max_side=256, progress=False)
+    train = manifests["train"]
+    assert train["classes"] == ["cat", "dog"]
+    assert train["num_samples"] == 7 and len(train["skipped"]) == 1 and "broken.jpg" in train["skipped"][0]["origin"]
+    samples = {s["__key__"]: s for s in read_all(tmp_path / "out/train.json")}
+    big = samples["cat/cat_0"]
+    assert max(Image.open(io.BytesIO(big["jpg"])).size) == 256  # re-encoded
+    assert "png" in samples["dog/small"]  # small images pass through untouched
+    assert int(samples["dog/dog_1"]["cls"]) == 1
+
+
+def test_list_source(image_folder, tmp_path):
+    csv_path = image_folder / "list.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows([["cat/cat.0.jpg", "feline"], ["dog/dog.0.jpg", "canine"], ["dog/small.png", "canine"]])
+    source = open_source(f"list:{csv_path}")
+    assert source.classes == ["canine", "feline"]
+    assert [i.label for i in source.items] == [1, 0, 0]
+    with pytest.raises(ValueError, match="unknown --source"):
+        open_source("folder:/x")
+
+
+def test_missing_shards_name_the_url(tmp_path, make_shards):
+    spec, _ = make_shards([3, 3])
+    assert len(resolve_shards(spec).urls) == 2
+    with pytest.raises(FileNotFoundError, match=r"missing shard '.*s-000002.tar'"):
+        resolve_shards(spec.replace("000001", "000002"))
+    with pytest.raises(FileNotFoundError, match=r"no shard matches '.*nothing-"):
+        resolve_shards(str(tmp_path / "nothing-{000000..000003}.tar"))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        resolve_shards(str(tmp_path / "nope.json"))
+
+
+def test_preflight_reports_bad_samples_by_shard_and_key(tmp_path, make_shards):
+    spec, keys = make_shards([4, 3], bad={2: "corrupt", 5: "nolabel"}, name="train")
+    urls = resolve_shards(spec).urls
+    manifest = {"split": "train", "num_samples": 7, "classes": [str(i) for i in range(10)],
+                "shards": [{"url": Path(u).name, "num_samples": n} for u, n in zip(urls, [4, 3])]}
+    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--check", str(tmp_path),
+                             "--world-size", "1", "--workers", "2", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "train: 7 samples in 2 shards" in result.stdout
+    assert "unreadable: 2" in result.stdout
+    assert f"train-000000.tar key={keys[2]}" in result.stdout and f"train-000001.tar key={keys[5]}" in result.stdout
+    assert "no label (.cls)" in result.stdout
+    assert "2 streams: enough" in result.stdout

@@ -1,0 +1,189 @@
+import itertools
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.data import EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards
+
+
+def train_loader(spec, num_workers=0, batch_size=4, counts=None, **kw):
+    shards = resolve_shards(spec)
+    shards.counts = counts  # as a manifest would give them
+    stream = TrainStream(shards, TrainTransform(16, hflip=0.5), batch_size=batch_size, seed=7,
+                         num_workers=num_workers, shuffle_buffer=16, **kw)
+    return TrainLoader(stream)
+
+
+def take(loader, n):
+    return [(b["images"].clone(), b["labels"].clone()) for b in itertools.islice(loader, n)]
+
+
+@pytest.mark.parametrize("num_workers, first", [(0, 5), (2, 5), (2, 4)])
+def test_resume_yields_the_same_batches(make_shards, num_workers, first):
+    # 3 shards of 10 samples, 30 per epoch: 11 batches of 4 cross epoch boundaries in each worker.
+    spec, _ = make_shards([10, 10, 10])
+    straight = take(train_loader(spec, num_workers, samples_per_epoch=30), 11)
+
+    before = train_loader(spec, num_workers, samples_per_epoch=30)
+    head = take(before, first)
+    state = before.state_dict()
+    after = train_loader(spec, num_workers, samples_per_epoch=30)
+    after.load_state_dict(state)
+    tail = take(after, 11 - first)
+    for i, ((a_images, a_labels), (b_images, b_labels)) in enumerate(zip(straight, head + tail)):
+        torch.testing.assert_close(a_images, b_images, rtol=0, atol=0, msg=f"batch {i}")
+        torch.testing.assert_close(a_labels, b_labels, rtol=0, atol=0, msg=f"batch {i}")
+    assert after.batches == 11
+
+
+def test_ranks_and_seeds_give_different_streams(make_shards):
+    spec, _ = make_shards([10, 10])
+    a = take(train_loader(spec, rank=0, world_size=2, samples_per_epoch=20), 2)
+    b = take(train_loader(spec, rank=1, world_size=2, samples_per_epoch=20), 2)
+    assert not torch.equal(a[0][0], b[0][0])
+
+
+def test_length_does_not_depend_on_workers(make_shards):
+    spec, _ = make_shards([10, 10])
+    steps = {w: train_loader(spec, w, world_size=2, rank=1, samples_per_epoch=1000).steps_per_epoch for w in (0, 1, 3)}
+    assert set(steps.values()) == {1000 // (4 * 2)}
+    loader = train_loader(spec, 3, samples_per_epoch=1000)
+    batches = take(loader, 7)
+    assert [len(labels) for _, labels in batches] == [4] * 7
+
+
+def test_restore_with_other_worker_count_warns_and_continues(make_shards, caplog):
+    spec, _ = make_shards([10, 10])
+    loader = train_loader(spec, 2, samples_per_epoch=20)
+    take(loader, 3)
+    other = train_loader(spec, 0, samples_per_epoch=20)
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(loader.state_dict())
+    assert "restarts at epoch" in caplog.text
+    assert len(take(other, 2)) == 2
+
+
+def test_bad_samples_are_skipped_counted_and_named(make_shards, caplog):
+    bad = {3: "corrupt", 9: "nolabel", 15: "empty"}
+    spec, keys = make_shards([23], bad=bad)
+    loader = train_loader(spec, 0, batch_size=1, samples_per_epoch=23)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        for _ in itertools.islice(loader, 40):
+            pass
+    # Replay the raw (undecoded) order up to the saved position and count the bad keys in it.
+    epoch, index, skipped = loader.positions[0]
+    stream = loader.stream
+    raw = [s["__key__"] for e in range(epoch + 1)
+           for s in itertools.islice(stream.epoch_samples(0, e, errors=None), index if e == epoch else None)]
+    expected = sum(raw.count(keys[i]) for i in bad)
+    assert expected >= 3 and skipped == expected == loader.skipped
+    assert len(raw) - expected == 40
+    for i in bad:
+        assert f"key '{keys[i]}' in shard '{spec.split('{')[0]}000000.tar'" in caplog.text
+    assert "no label (.cls)" in caplog.text and "empty image" in caplog.text
+
+
+def test_truncated_shard_is_reported_and_training_goes_on(make_shards, caplog):
+    spec, _ = make_shards([20, 20])
+    first = resolve_shards(spec).urls[0]
+    data = Path(first).read_bytes()
+    Path(first).write_bytes(data[: len(data) // 2])
+    loader = train_loader(spec, 0, samples_per_epoch=40, counts=[20, 20])
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        batches = take(loader, 25)
+    assert len(batches) == 25
+    assert "s-000000.tar' gave" in caplog.text and "truncated" in caplog.text
+    assert loader.skipped > 0
+
+
+def test_no_samples_per_epoch_is_a_clear_error(make_shards):
+    spec, _ = make_shards([4])
+    with pytest.raises(ValueError, match="samples_per_epoch is unknown"):
+        train_loader(spec)
+
+
+def eval_indices(spec, world_size, num_workers, batch_size=4, transform=None):
+    shards = resolve_shards(spec)
+    per_rank, counts = [], []
+    for rank in range(world_size):
+        stream = EvalStream(shards, transform or EvalTransform(16), batch_size=batch_size, rank=rank,
+                            world_size=world_size, num_workers=num_workers, image_size=16)
+        batches = list(eval_batches(stream))
+        counts.append(len(batches))
+        per_rank.append(batches)
+    return per_rank, counts
+
+
+@pytest.mark.parametrize("world_size, num_workers", [(1, 0), (2, 0), (2, 2), (3, 4)])
+def test_eval_sees_every_sample_exactly_once(make_shards, world_size, num_workers):
+    spec, keys = make_shards([5, 1, 9])  # uneven, and fewer shards than ranks x workers
+    per_rank, counts = eval_indices(spec, world_size, num_workers)
+    assert len(set(counts)) == 1, f"ranks run different batch counts: {counts}"
+    seen = sorted(int(i) for batches in per_rank for b in batches for i in b["index"][b["mask"]])
+    assert seen == list(range(len(keys)))
+    for batches in per_rank:
+        for b in batches:
+            assert b["images"].shape == (4, 3, 16, 16) and (b["labels"][~b["mask"]] == -1).all()
+            torch.testing.assert_close(b["labels"][b["mask"]], b["index"][b["mask"]] % 10)
+
+
+def test_eval_masks_and_counts_bad_samples(make_shards):
+    spec, keys = make_shards([6, 6], bad={1: "corrupt", 7: "nolabel"})
+    per_rank, _ = eval_indices(spec, 2, 1)
+    batches = [b for rank in per_rank for b in rank]
+    assert sum(int(b["skipped"]) for b in batches) == 2
+    assert sorted(int(i) for b in batches for i in b["index"][b["mask"]]) == [i for i in range(12) if i not in (1, 7)]
+
+
+def test_eval_survives_a_truncated_shard(make_shards):
+    spec, keys = make_shards([10, 10])
+    first = resolve_shards(spec).urls[0]
+    data = Path(first).read_bytes()
+    Path(first).write_bytes(data[: len(data) // 2])
+    shards = resolve_shards(spec)
+    shards.counts = [10, 10]  # as a manifest written before the damage would say
+    batches = list(eval_batches(EvalStream(shards, EvalTransform(16), batch_size=4, image_size=16)))
+    good = sum(int(b["mask"].sum()) for b in batches)
+    assert 10 <= good < 20
+    assert good + sum(int(b["skipped"]) for b in batches) == 20
+
+
+def _eval_worker(rank, world_size, spec, out_dir):
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_EVAL_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    stream = EvalStream(resolve_shards(spec), EvalTransform(16), batch_size=2, rank=rank, world_size=world_size,
+                        num_workers=2, image_size=16)
+    indices, batches = [], 0
+    for batch in eval_batches(stream):
+        count = torch.tensor([int(batch["mask"].sum())])
+        dist.all_reduce(count)  # a collective per batch, as a ZeRO-3 forward is: a mismatch would hang
+        batches += 1
+        indices += batch["index"][batch["mask"]].tolist()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, (indices, batches))
+    if rank == 0:
+        torch.save(gathered, Path(out_dir) / "result.pt")
+    dist.destroy_process_group()
+
+
+def test_eval_exact_on_two_processes(make_shards, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    spec, keys = make_shards([7, 2, 12])  # 3 uneven shards
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["TEST_EVAL_PORT"] = str(s.getsockname()[1])
+    mp.spawn(_eval_worker, args=(2, spec, str(tmp_path)), nprocs=2, join=True)
+    gathered = torch.load(tmp_path / "result.pt")
+    assert gathered[0][1] == gathered[1][1]  # same number of batches on both ranks
+    everything = sorted(gathered[0][0] + gathered[1][0])
+    assert everything == list(range(len(keys)))
