@@ -189,6 +189,9 @@ class TrainLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
+            # Its own generator: starting workers must not draw from the global RNG, which is
+            # part of the checkpoint (dropout, stochastic depth, mixing).
+            generator=torch.Generator().manual_seed(self.stream.seed),
         )
         for batch in loader:
             worker, epoch, index, skipped = batch.pop("position").tolist()
@@ -322,7 +325,7 @@ class EvalStream(IterableDataset):
 
 def eval_batches(stream: EvalStream) -> Iterator[dict]:
     """The rank's evaluation batches, padded with empty ones so every rank yields the same count."""
-    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers)
+    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator())
     count = 0
     for count, batch in enumerate(loader, start=1):
         yield batch

@@ -130,33 +130,40 @@ class VisionTransformer(nn.Module):
         separately), LeCun-normal patch embedding, pos_embed ~ N(0, 0.02), zero class token and
         a zero-initialised head."""
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                if name == "head":
-                    nn.init.zeros_(module.weight)
-                    nn.init.zeros_(module.bias)
-                    continue
-                fan_out, fan_in = module.weight.shape
-                if name.endswith("attn.qkv"):
-                    fan_out //= 3
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                nn.init.uniform_(module.weight, -bound, bound)
-                if module.bias is not None:
-                    # big_vision: MLP biases ~ N(0, 1e-6), the others zero.
-                    nn.init.normal_(module.bias, std=1e-6) if ".mlp." in name else nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv2d):
-                # LeCun normal, truncated at 2 std (the constant is the std of N(0,1) cut at +-2).
-                std = math.sqrt(1.0 / module.weight[0].numel()) / 0.87962566103423978
-                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, LayerScale):
-                module.gamma.fill_(module.init_value)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.zeros_(self.cls_token)
+            self.init_module_weights(name, module)
         return self
+
+    @torch.no_grad()
+    def init_module_weights(self, name: str, module: nn.Module) -> None:
+        """Initialise one module's own parameters (not its children's); ``name`` as in
+        ``named_modules()``. Lets a caller that shards parameters gather one module at a time."""
+        if module is self:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            if self.cls_token is not None:
+                nn.init.zeros_(self.cls_token)
+        elif isinstance(module, nn.Linear):
+            if name == "head":
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
+                return
+            fan_out, fan_in = module.weight.shape
+            if name.endswith("attn.qkv"):
+                fan_out //= 3
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            nn.init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                # big_vision: MLP biases ~ N(0, 1e-6), the others zero.
+                nn.init.normal_(module.bias, std=1e-6) if ".mlp." in name else nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # LeCun normal, truncated at 2 std (the constant is the std of N(0,1) cut at +-2).
+            std = math.sqrt(1.0 / module.weight[0].numel()) / 0.87962566103423978
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, LayerScale):
+            module.gamma.fill_(module.init_value)
 
     # -- training helpers ---------------------------------------------------------------------
 

@@ -187,3 +187,12 @@ def test_eval_exact_on_two_processes(make_shards, tmp_path):
     assert gathered[0][1] == gathered[1][1]  # same number of batches on both ranks
     everything = sorted(gathered[0][0] + gathered[1][0])
     assert everything == list(range(len(keys)))
+
+
+def test_starting_the_loader_leaves_the_global_rng_alone(make_shards):
+    spec, _ = make_shards([10, 10])
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    take(train_loader(spec, 2, samples_per_epoch=20), 1)
+    assert torch.rand(1) == expected

@@ -1,0 +1,29 @@
+# vit-pipeline on GPU nodes: an official CUDA-enabled PyTorch image with the project installed
+# and the DeepSpeed ops of the GPU path compiled in, so no job compiles at start-up.
+#
+#   docker build -t vit-pipeline .
+#   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/opt/vit-pipeline/runs vit-pipeline \
+#       deepspeed --num_gpus 8 launch/train.py --config vit_h14.yaml
+#
+# The devel variant carries nvcc, which DeepSpeed's op builder needs.
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+# libaio: DeepSpeed's async I/O op (ZeRO-Infinity NVMe offload); git: the commit tag in MLflow.
+RUN apt-get update && apt-get install -y --no-install-recommends libaio-dev git \
+    && rm -rf /var/lib/apt/lists/*
+
+WORKDIR /opt/vit-pipeline
+# Prebuild the DeepSpeed ops used on the GPU path: CPU Adam (deepspeed.offload_optimizer=cpu),
+# async I/O (nvme offload) and the flatten/unflatten utils ZeRO uses. A100 (8.0) and H100/H200 (9.0).
+ENV DS_BUILD_CPU_ADAM=1 DS_BUILD_AIO=1 DS_BUILD_UTILS=1 TORCH_CUDA_ARCH_LIST="8.0;9.0"
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+# The base image's torch satisfies the plain torch requirement; nothing replaces it.
+RUN pip install ".[demo]" && ds_report
+COPY launch ./launch
+COPY configs ./configs
+COPY slurm ./slurm
+COPY benchmarks ./benchmarks
+
+CMD ["python", "launch/train.py", "--help"]

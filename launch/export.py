@@ -1,0 +1,50 @@
+#!/usr/bin/env python
+"""Export a checkpoint's weights as a safetensors file that timm's VisionTransformer loads.
+
+    python launch/export.py --checkpoint runs/vit_h14-ft448 --out vit_h14_448.safetensors
+
+--checkpoint is a run directory (newest checkpoint), a checkpoints folder or one stepNNNNNNNN
+checkpoint, of any ZeRO stage and world size. Writes OUT and OUT.json (the timm arguments):
+
+    model = timm.models.vision_transformer.VisionTransformer(**json.load(open("OUT.json")))
+    model.load_state_dict(safetensors.torch.load_file("OUT"), strict=True)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="run, checkpoints or stepNNNNNNNN directory")
+    parser.add_argument("--out", required=True, help="output .safetensors file")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    from pipeline.model import create_vit
+    from pipeline.model.weights import export_safetensors
+    from pipeline.train.checkpoint import read_marker
+    from pipeline.train.consolidate import checkpoint_dir, consolidated_state_dict
+
+    source = checkpoint_dir(args.checkpoint)
+    spec = read_marker(source)["model"]
+    model = create_vit(spec["variant"], num_classes=spec["num_classes"], image_size=spec["image_size"],
+                       global_pool=spec["global_pool"], class_token=spec["class_token"], qkv_bias=spec["qkv_bias"],
+                       pre_logits=spec["pre_logits"], layer_scale_init=spec["layer_scale_init"])
+    state = consolidated_state_dict(source)
+    model.load_state_dict(state, strict=True)  # the checkpoint is the model its marker says
+    out, config_path = export_safetensors(state, model, args.out)
+    print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} parameters) and {config_path}: "
+          f"{json.loads(config_path.read_text())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

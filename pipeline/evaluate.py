@@ -1,0 +1,176 @@
+"""Evaluation: top-1, top-5, loss, per-class accuracy, confusion matrix and calibration error
+over every evaluation sample exactly once, on any number of ranks, at any resolution."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.data import EvalStream, EvalTransform, eval_batches, normalize, resolve_shards
+from pipeline.model import vit_from_config
+from pipeline.model.weights import HEAD_KEYS, adapt_state_dict
+from pipeline.tracking import Tracker, stage_tags, tracking_uri
+from pipeline.train.consolidate import consolidated_state_dict, load_weights
+from pipeline.train.distributed import DistEnv
+
+log = logging.getLogger(__name__)
+ECE_BINS = 15
+MAX_CONFUSION_CLASSES = 1000  # a 21k x 21k matrix is neither small nor readable
+
+
+class Tally:
+    """Per-rank sums that one all-reduce turns into the report."""
+
+    def __init__(self, num_classes: int, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        self.per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
+        self.confusion = (torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+                          if num_classes <= MAX_CONFUSION_CLASSES else None)
+        self.bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # count, confidence, correct
+        self.skipped = torch.zeros(1, dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        logits, labels = logits[mask].float(), labels[mask]
+        if not len(labels):
+            return
+        probs = logits.softmax(-1)
+        confidence, predicted = probs.max(-1)
+        correct = (predicted == labels).double()
+        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).double()
+        self.sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), correct.sum(),
+                                  top5.sum(), torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+        self.per_class[0].index_add_(0, labels, correct)
+        self.per_class[1].index_add_(0, labels, torch.ones_like(correct))
+        if self.confusion is not None:
+            self.confusion.index_put_((labels, predicted), torch.ones_like(correct), accumulate=True)
+        bin_index = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
+        for row, values in enumerate([torch.ones_like(correct), confidence.double(), correct]):
+            self.bins[row].index_add_(0, bin_index, values)
+
+    def all_reduce(self) -> None:
+        for tensor in [self.sums, self.per_class, self.bins, self.skipped] + ([self.confusion] if self.confusion is not None else []):
+            dist.all_reduce(tensor)
+
+    def report(self, classes: list[str]) -> dict:
+        loss, top1, top5, count = self.sums.tolist()
+        count = max(count, 1)
+        per_class = (self.per_class[0] / self.per_class[1].clamp(min=1)).tolist()
+        ece = float((self.bins[1] - self.bins[2]).abs().sum() / count)
+        return {
+            "top1": top1 / count, "top5": top5 / count, "loss": loss / count, "ece": ece,
+            "num_samples": int(self.sums[3]), "skipped": int(self.skipped.item()),
+            "per_class_accuracy": {(classes[i] if i < len(classes) else str(i)): acc
+                                   for i, acc in enumerate(per_class) if self.per_class[1, i] > 0},
+        }
+
+
+def load_eval_model(config: Config, source: str, ds_config: dict):
+    """The model at ``config.model.image_size`` with the weights of ``source`` (pos_embed
+    resampled when the resolution differs); the classes must match."""
+    zero3 = config.deepspeed.zero_stage == 3
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
+        model = vit_from_config(config.model)
+    state = consolidated_state_dict(source)
+    if HEAD_KEYS[0] in state and model.num_classes and state[HEAD_KEYS[0]].shape[0] != model.num_classes:
+        raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
+                         f"model.num_classes is {model.num_classes}")
+    state = adapt_state_dict(state, model, source=source)
+    if model.num_classes and HEAD_KEYS[0] not in state:
+        raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
+                         f"model.num_classes as the checkpoint was trained")
+    load_weights(model, state, zero3=zero3)
+    return model.eval()
+
+
+def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dict:
+    """Evaluate on ``data.eval_shards``; rank 0 writes ``report.json`` (and a confusion-matrix
+    PNG) to the run directory and an MLflow run tagged ``stage=evaluate``. Returns the report."""
+    source = checkpoint or config.eval.checkpoint
+    if not source:
+        raise ValueError("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
+    c, batch_size = config, config.eval.micro_batch_size
+    ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                 "train_batch_size": batch_size * env.world_size, "bf16": {"enabled": c.deepspeed.precision == "bf16"},
+                 "zero_optimization": {"stage": c.deepspeed.zero_stage}, "steps_per_print": 2**31 - 1}
+    engine, *_ = deepspeed.initialize(model=load_eval_model(config, source, ds_config), config=ds_config)
+    engine.eval()
+    device = engine.device
+    dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
+    shards = resolve_shards(c.data.eval_shards)
+    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=batch_size,
+                        rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
+                        image_size=c.model.image_size)
+    tally = Tally(c.model.num_classes, device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not env.is_main,
+                          desc="evaluate", unit="batch"):
+            images = normalize(batch["images"].to(device), c.data.mean, c.data.std).to(dtype)
+            logits = engine(images)  # every rank runs every batch: ZeRO-3 forwards are collective
+            tally.add(logits, batch["labels"].to(device), batch["mask"].to(device))
+            tally.skipped += batch["skipped"].to(device)
+    elapsed = time.perf_counter() - start
+    tally.all_reduce()
+    report = tally.report(shards.classes)
+    report.update(images_per_s=report["num_samples"] / elapsed, checkpoint=str(source),
+                  image_size=c.model.image_size, world_size=env.world_size)
+    if report["num_samples"] + report["skipped"] != stream.num_samples:
+        raise RuntimeError(f"evaluated {report['num_samples']} + skipped {report['skipped']} samples, "
+                           f"but the shards hold {stream.num_samples}")
+    if env.is_main:
+        write_report(config, report, tally, shards.classes)
+    return report
+
+
+def write_report(config: Config, report: dict, tally: Tally, classes: list[str]) -> None:
+    run_dir = config.run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(uri=tracking_uri(config.run.tracking_uri), experiment=config.run.experiment,
+                      run_name=config.run.name, tags=stage_tags(config, "evaluate"))
+    report["mlflow_run_id"] = tracker.wait_started(timeout=20.0)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    tracker.log_params({**config.flat(), "eval.source": report["checkpoint"]})
+    tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
+    tracker.log_artifact(run_dir / "report.json")
+    if tally.confusion is not None:
+        png = run_dir / "confusion_matrix.png"
+        plot_confusion(tally.confusion.cpu(), classes, png)
+        tracker.log_artifact(png)
+    tracker.close()
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = confusion.shape[0]
+    rates = confusion / confusion.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.4 * n, 40), min(2 + 0.4 * n, 40)))
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 50:
+        labels = classes if len(classes) == n else [str(i) for i in range(n)]
+        ax.set_xticks(range(n), labels, rotation=90)
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                if confusion[i, j]:
+                    ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (rows: share of each true class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,173 @@
+"""MLflow tracking on rank 0. No call here raises or blocks training.
+
+Every MLflow request runs on one background thread. A request that fails (server down, network
+gone) stays at the head of the queue and is retried with backoff, so metrics logged while the
+server is away are delivered, in order, once it is back. Other ranks get a tracker that does
+nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# One short attempt per request: the retry loop below is ours, so training never waits on
+# MLflow's own (minutes-long) HTTP backoff.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def stage_tags(config, stage: str) -> dict[str, str]:
+    """The tags every stage's run carries; ``pipeline`` is shared by the stages of one pipeline."""
+    return {
+        "stage": stage,
+        "pipeline": config.run.pipeline or os.environ.get("VIT_PIPELINE_ID") or config.run.name,
+        "git_commit": git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+    }
+
+
+class Tracker:
+    """One MLflow run per stage. ``run_id`` resumes an existing run (a requeued job)."""
+
+    def __init__(self, *, uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None,
+                 enabled: bool = True, max_backoff_s: float = 30.0):
+        self.enabled = enabled
+        self.run_id = run_id
+        self.undelivered = 0
+        if not enabled:
+            return
+        self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
+        self.max_backoff_s = max_backoff_s
+        self._queue: queue.Queue = queue.Queue()
+        self._client = None
+        self._warned_at = 0.0
+        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
+        self._started = threading.Event()
+        self._put("start", None)  # create (or reopen) the run now, so its id can be shared early
+        self._thread.start()
+
+    # -- the API training calls; all of it just enqueues -------------------------------------
+
+    def wait_started(self, timeout: float) -> str | None:
+        """Wait up to ``timeout`` s for the run to exist (so its id can be broadcast); its id or None."""
+        if self.enabled:
+            self._started.wait(timeout)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._put("params", {k: str(v)[:6000] for k, v in params.items()})
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        self._put("metrics", (clean, step, int(time.time() * 1000)))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._put("text", (text, artifact_file))
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._put("artifact", str(path))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._put("tags", tags)
+
+    def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
+        """End the run, waiting up to ``timeout`` s for queued records; reports what was not sent."""
+        if not self.enabled:
+            return
+        self._put("end", status)
+        self._put("stop", None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.undelivered = self._queue.qsize()
+            log.warning("MLflow at %s unreachable: %d queued records were not delivered", self.uri, self.undelivered)
+
+    # -- the background thread ---------------------------------------------------------------
+
+    def _put(self, kind: str, payload: Any) -> None:
+        if self.enabled:
+            self._queue.put((kind, payload))
+
+    def _work(self) -> None:
+        backoff = 1.0
+        pending = None
+        while True:
+            if pending is None:
+                pending = self._queue.get()
+            if pending[0] == "stop":
+                return
+            try:
+                self._ensure_run()
+                self._send(*pending)
+                pending, backoff = None, 1.0
+            except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                now = time.monotonic()
+                if now - self._warned_at > 60:
+                    log.warning("MLflow at %s failed (%s); training goes on, records are kept and retried",
+                                self.uri, str(e).splitlines()[0][:200])
+                    self._warned_at = now
+                time.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    def _ensure_run(self) -> None:
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        if self.run_id is not None and self._started.is_set():
+            return
+        client = self._client
+        if self.run_id is not None:  # resuming: the run must exist; mark it running again
+            client.update_run(self.run_id, status="RUNNING")
+        else:
+            experiment = client.get_experiment_by_name(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
+            self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+        self._started.set()
+
+    def _send(self, kind: str, payload: Any) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client, run_id = self._client, self.run_id
+        if kind == "start":
+            return
+        if kind == "params":
+            items = [Param(k, v) for k, v in payload.items()]
+            for i in range(0, len(items), 100):
+                try:
+                    client.log_batch(run_id, params=items[i:i + 100])
+                except Exception as e:  # a resumed run already has its params: not an error
+                    if "already logged" not in str(e) and "Changing param values" not in str(e):
+                        raise
+        elif kind == "metrics":
+            metrics, step, timestamp = payload
+            client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+        elif kind == "text":
+            client.log_text(run_id, *payload)
+        elif kind == "artifact":
+            client.log_artifact(run_id, payload)
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()])
+        elif kind == "end":
+            client.set_terminated(run_id, status=payload)

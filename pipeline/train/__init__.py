@@ -1,0 +1,1 @@
+"""Distributed training: rank discovery, DeepSpeed config, optimizer, trainer, checkpoints."""

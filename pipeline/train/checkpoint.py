@@ -1,0 +1,150 @@
+"""Checkpoints: DeepSpeed's ``save_checkpoint`` on every rank, a completion marker, keep-last-K,
+and resume (same world size, or another one through DeepSpeed's universal checkpoints).
+
+A checkpoint is ``RUN_DIR/checkpoints/stepNNNNNNNN/``. Rank 0 writes ``complete.json`` into it
+only after every rank has saved, so a crash, a full disk or a signal mid-save leaves an
+incomplete directory that resume ignores, and the previous checkpoint as it was. Old checkpoints
+are pruned only after a new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+COMPLETE = "complete.json"
+TAG = re.compile(r"^step(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint directories under ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if TAG.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=lambda p: int(TAG.match(p.name).group(1)))
+
+
+def read_marker(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / COMPLETE).read_text())
+
+
+def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
+    """``never`` -> None; ``auto`` -> the newest complete checkpoint in ``checkpoint_dir`` (or
+    None); a path -> that checkpoint, or the newest complete one in that folder."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(checkpoint_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if (path / COMPLETE).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"train.resume='{resume}': no complete checkpoint there (looked for {COMPLETE})")
+    return found[-1]
+
+
+def check_model(checkpoint: Path, model_signature: dict) -> None:
+    """Refuse a checkpoint of another model, naming what differs."""
+    saved = read_marker(checkpoint).get("model", {})
+    differ = {k: (saved.get(k), v) for k, v in model_signature.items() if k in saved and saved[k] != v}
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(f"checkpoint {checkpoint} is of another model ({details})")
+
+
+def universal_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + "_universal")
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``), run once; the result
+    loads on any world size with ``checkpoint.load_universal``."""
+    out = universal_path(checkpoint)
+    if (out / COMPLETE).is_file():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converting %s to a universal checkpoint (another world size)", checkpoint)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {checkpoint}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    shutil.copy(checkpoint / COMPLETE, tmp / COMPLETE)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int, rank: int):
+        self.directory, self.keep, self.rank = Path(directory), keep, rank
+
+    def save(self, engine, step: int, client_state: dict, model_signature: dict) -> Path:
+        """Collective: every rank calls it. ``model_signature`` goes into the completion marker,
+        so a checkpoint of another model is refused before DeepSpeed reads it."""
+        tag = tag_for(step)
+        path = self.directory / tag
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an incomplete leftover of an earlier crash at this step
+        _barrier()
+        try:
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=True)
+        except OSError as e:
+            previous = complete_checkpoints(self.directory)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+            raise OSError(f"saving checkpoint {path} failed: {e}; {kept}") from e
+        _barrier()
+        if self.rank == 0:
+            marker = {"step": step, "time": time.time(), "world_size": _world_size(),
+                      "zero_stage": engine.zero_optimization_stage(), "model": model_signature}
+            tmp = path / (COMPLETE + ".tmp")
+            tmp.write_text(json.dumps(marker))
+            os.replace(tmp, path / COMPLETE)  # atomic: the checkpoint is complete, or not
+            self._prune()
+        _barrier()
+        return path
+
+    def _prune(self) -> None:
+        complete = complete_checkpoints(self.directory)
+        for old in complete[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(universal_path(old), ignore_errors=True)
+        newest = int(TAG.match(complete[-1].name).group(1))
+        for stale in self.directory.iterdir():  # incomplete saves older than the newest complete one
+            match = TAG.match(stale.name)
+            if match and int(match.group(1)) < newest and not (stale / COMPLETE).is_file():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def load(self, engine, checkpoint: Path) -> dict:
+        """Load a checkpoint into ``engine`` (module, optimizer, scheduler); returns its client state."""
+        path, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint}")
+        return client_state or {}
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,55 @@
+"""Rank discovery in one place: the ``deepspeed`` launcher, torchrun, and SLURM's srun."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # "deepspeed/torchrun", "srun" or "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def discover(local_rank_arg: int | None = None) -> DistEnv:
+    """Read rank and world size from the environment; under srun, also export what torch needs.
+
+    The ``deepspeed`` launcher and torchrun set RANK, WORLD_SIZE and LOCAL_RANK (the deepspeed
+    launcher also passes ``--local_rank``); srun sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), local, "deepspeed/torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+        return DistEnv(rank, world, local, "srun")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    return DistEnv(0, 1, 0, "single")
+
+
+def _slurm_master_addr() -> str:
+    """The first host of the job's node list (``scontrol show hostnames``)."""
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]

@@ -1,0 +1,38 @@
+"""The DeepSpeed config, built from the typed config (never kept as a second JSON file)."""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+
+
+def build_deepspeed_config(config: Config, world_size: int) -> dict:
+    ds, train = config.deepspeed, config.train
+    zero: dict = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": ds.contiguous_gradients,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=ds.stage3_param_persistence_threshold,
+            # A consolidated 16-bit state dict at save time lets fine-tuning and export read
+            # the weights without DeepSpeed's offline tools.
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    for kind, where in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
+        if where != "none":
+            zero[kind] = {"device": where, "pin_memory": True, **({"nvme_path": ds.nvme_path} if where == "nvme" else {})}
+    return {
+        "train_batch_size": train.global_batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": config.grad_accumulation_steps(world_size),
+        "gradient_clipping": config.optim.clip_grad or 0.0,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our AdamW / SGD with parameter groups
+        "steps_per_print": 2**31 - 1,  # the trainer does its own logging
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,63 @@
+"""Training metrics: throughput, MFU and memory; one JSON line per log step, MLflow, progress bar."""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or the process's peak RSS on the CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class Meter:
+    """Accumulates a log window: step time, data wait, images, loss and accuracy."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.data_wait = 0.0
+        self.loss_sum = 0.0
+        self.correct = 0.0
+        self.count = 0  # images
+        self.steps = 0  # micro-batches
+
+    @contextmanager
+    def timing_data(self):
+        start = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - start
+
+    def add(self, loss: float, correct: float, images: int) -> None:
+        self.loss_sum += loss
+        self.correct += correct
+        self.count += images
+        self.steps += 1
+
+    def window(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return elapsed, self.data_wait / elapsed
+
+
+class MetricsWriter:
+    """Rank 0 appends each record to ``metrics.jsonl`` and sends it to the tracker."""
+
+    def __init__(self, path: Path, tracker, enabled: bool):
+        self.path, self.tracker, self.enabled = Path(path), tracker, enabled
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.tracker.log_metrics({k: v for k, v in record.items() if k != "step"}, step=record["step"])

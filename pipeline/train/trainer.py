@@ -1,0 +1,325 @@
+"""The DeepSpeed trainer: one optimizer step at a time, checkpoints, preemption, metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.config import Config
+from pipeline.data import TrainLoader, TrainStream, TrainTransform, batch_mixer, normalize, resolve_shards
+from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
+from pipeline.model import VisionTransformer, vit_from_config
+from pipeline.model.weights import adapt_state_dict
+from pipeline.tracking import Tracker, stage_tags, tracking_uri
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.consolidate import consolidated_state_dict, load_weights
+from pipeline.train.distributed import DistEnv
+from pipeline.train.ds_config import build_deepspeed_config
+from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
+from pipeline.train.optim import build_optimizer, lr_at, peak_lr
+
+log = logging.getLogger(__name__)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the SLURM scripts requeue on it
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def model_signature(config: Config) -> dict:
+    """The architecture, as the checkpoint marker records it (export rebuilds the model from it)."""
+    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout"})
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(config: Config, samples_per_epoch: int | None) -> int:
+    t = config.train
+    if t.total_steps:
+        return t.total_steps
+    if t.total_samples:
+        return max(1, t.total_samples // t.global_batch_size)
+    if t.epochs and samples_per_epoch:
+        return max(1, int(t.epochs * samples_per_epoch) // t.global_batch_size)
+    raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
+
+
+class Trainer:
+    """Builds the model, engine and data stream for ``config`` on the ranks of ``env``. A
+    fine-tuning run (``run.stage: finetune``) starts from ``finetune.init_from``, unless it is
+    resuming its own checkpoint."""
+
+    def __init__(self, config: Config, env: DistEnv):
+        self.config, self.env = config, env
+        self.is_main = env.is_main
+        self.run_dir = config.run.run_dir
+        self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
+        self.step, self.bad_steps, self.lr = 0, 0, 0.0
+        self._signal: str | None = None
+        config.check_world_size(env.world_size)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.run_dir / "config.yaml")
+
+        self.ds_config = build_deepspeed_config(config, env.world_size)
+        resume = ckpt.resolve_resume(config.train.resume, self.checkpoints.directory)
+        if resume is not None:
+            ckpt.check_model(resume, model_signature(config))
+            if ckpt.read_marker(resume)["world_size"] != env.world_size:
+                if self.is_main:
+                    ckpt.convert_to_universal(resume)
+                dist.barrier()
+                resume = ckpt.universal_path(resume)
+                self.ds_config["checkpoint"] = {"load_universal": True}
+
+        seed_everything(config.run.seed)  # the same initial weights on every rank
+        model = self.build_model(pretrained=config.finetune.init_from if config.run.stage == "finetune"
+                                 and resume is None else None)
+        optimizer = build_optimizer(model, config.optim, offload=config.deepspeed.offload_optimizer != "none",
+                                    device=torch.device(deepspeed.get_accelerator().device_name(env.local_rank)))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.device = self.engine.device
+        self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
+        seed_everything(config.run.seed + 1000 * env.rank)  # dropout and mixing differ per rank
+
+        self.loader = self.build_loader()
+        self.total_steps = total_steps(config, self.loader.stream.samples_per_epoch)
+        self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
+        self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
+        self.flops_per_image = train_flops_per_image(VitShape.from_config(config.model))
+        self.peak_tflops = config.train.device_peak_tflops or (
+            device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
+
+        run_id = None
+        if resume is not None:
+            state = self.checkpoints.load(self.engine, resume)
+            run_id = state.get("mlflow_run_id")
+            self.load_state_dict(state)
+            if self.is_main:
+                log.info("resumed from %s at step %d", resume, self.step)
+        self.tracker = self.start_tracking(run_id)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    # -- construction -------------------------------------------------------------------------
+
+    def build_model(self, pretrained: str | None) -> VisionTransformer:
+        config, zero3 = self.config, self.config.deepspeed.zero_stage == 3
+        # ZeRO-3: parameters are partitioned as each module is built; initialise one module at a
+        # time with its parameters gathered, so no rank ever holds the whole model.
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
+            model = vit_from_config(config.model)
+        for name, module in model.named_modules():
+            params = list(module.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
+                model.init_module_weights(name, module)
+        if pretrained:
+            state = adapt_state_dict(consolidated_state_dict(pretrained), model,
+                                     reset_head=config.finetune.reset_head, source=pretrained)
+            load_weights(model, state, zero3=zero3)
+        if config.finetune.freeze_backbone:
+            model.freeze_backbone()
+        if config.deepspeed.activation_checkpointing:
+            model.set_grad_checkpointing(config.deepspeed.checkpoint_every_n_blocks)
+        return model
+
+    def build_loader(self) -> TrainLoader:
+        c, env = self.config, self.env
+        shards = resolve_shards(c.data.train_shards)
+        streams = env.world_size * max(c.data.num_workers, 1)
+        if len(shards.urls) < streams:
+            raise ValueError(
+                f"data.train_shards has {len(shards.urls)} shards, fewer than ranks x workers = {env.world_size} x "
+                f"{max(c.data.num_workers, 1)} = {streams}: write smaller shards (make_shards.py --max-count) "
+                f"or lower data.num_workers")
+        transform = TrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip,
+                                   c.data.randaugment)
+        stream = TrainStream(shards, transform, batch_size=c.train.micro_batch_size, seed=c.run.seed, rank=env.rank,
+                             world_size=env.world_size, num_workers=c.data.num_workers,
+                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=c.data.shuffle_buffer)
+        return TrainLoader(stream, pin_memory=self.device.type == "cuda")
+
+    def start_tracking(self, run_id: str | None) -> Tracker:
+        c = self.config
+        tracker = Tracker(uri=tracking_uri(c.run.tracking_uri), experiment=c.run.experiment, run_name=c.run.name,
+                          tags=stage_tags(c, c.run.stage), run_id=run_id, enabled=self.is_main)
+        shared = [tracker.wait_started(timeout=20.0) if self.is_main else None]
+        dist.broadcast_object_list(shared, src=0)  # every rank knows the run it belongs to
+        tracker.run_id = shared[0] or tracker.run_id
+        if self.is_main:
+            tracker.log_params(c.flat())
+            tracker.log_text(c.to_yaml(), "config.yaml")
+            tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
+        return tracker
+
+    # -- training -----------------------------------------------------------------------------
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name
+        log.warning("rank %d received %s: saving at the next step, then exiting", self.env.rank, self._signal)
+
+    def train_step(self, batches: Iterator[dict], meter: Meter) -> bool:
+        """One optimizer step over the accumulation micro-batches. Returns whether any rank has
+        been asked to stop (a signal), agreed on by all ranks."""
+        c = self.config
+        lr = lr_at(self.step, c.optim, self.total_steps, self.peak_lr)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        stop, done = False, 0
+        while done < self.engine.gradient_accumulation_steps():
+            with meter.timing_data():
+                batch = next(batches)
+            images = normalize(batch["images"].to(self.device, non_blocking=True), c.data.mean, c.data.std)
+            labels = batch["labels"].to(self.device, non_blocking=True)
+            targets = labels
+            if self.mixer is not None:
+                images, targets = self.mixer(images, labels)
+            logits = self.engine(images.to(self.dtype)).float()
+            loss = F.cross_entropy(logits, targets, label_smoothing=c.data.label_smoothing)
+            # One small all-reduce per micro-batch: all ranks agree on a signal and a bad loss.
+            flags = torch.stack([torch.tensor(float(self._signal is not None), device=self.device),
+                                 (~torch.isfinite(loss.detach())).float()])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop |= bool(flags[0] > 0)
+            if flags[1] > 0:
+                self.bad_steps += 1
+                if self.bad_steps > c.train.max_bad_steps:
+                    raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (on at least one rank); the last "
+                                        f"checkpoint is intact. train.max_bad_steps={c.train.max_bad_steps} allows skipping some")
+                log.warning("non-finite loss at step %d: micro-batch skipped (%d of %d allowed)", self.step + 1,
+                            self.bad_steps, c.train.max_bad_steps)
+                continue
+            self.engine.backward(loss)
+            self.engine.step()
+            done += 1
+            meter.add(loss.item(), (logits.argmax(-1) == labels).sum().item(), len(labels))
+        self.step += 1
+        self.lr = lr
+        return stop
+
+    def train(self) -> int:
+        """Train to ``total_steps`` (or ``stop_at_step``, or a signal). Returns the exit status:
+        0, or :data:`EXIT_PREEMPTED` after a signal-triggered save."""
+        c = self.config.train
+        batches = iter(self.loader)
+        meter = Meter()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
+                   unit="step", dynamic_ncols=True)
+        status, saved_at = 0, self.step
+        try:
+            while self.step < self.total_steps:
+                stop = self.train_step(batches, meter)
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                    record = self.log_window(meter)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                    img_s=f"{record['images_per_s']:.0f}")
+                if stop or self.step % c.checkpoint_every == 0 or self.step == c.stop_at_step:
+                    self.save()
+                    saved_at = self.step
+                if stop:
+                    log.warning("saved step %d after %s; exiting with %d for a requeue", self.step, self._signal or
+                                "a signal on another rank", EXIT_PREEMPTED)
+                    status = EXIT_PREEMPTED
+                    break
+                if self.step == c.stop_at_step:
+                    break
+            if saved_at != self.step:
+                self.save()
+        finally:
+            bar.close()
+        return status
+
+    def log_window(self, meter: Meter) -> dict:
+        """Reduce the window's figures over ranks, write one metrics line, reset the window."""
+        elapsed, wait_frac = meter.window()
+        sums = torch.tensor([meter.loss_sum, meter.correct, meter.count, meter.steps, self.loader.skipped],
+                            dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        loss_sum, correct, images, micro_steps, skipped = sums.tolist()
+        images_per_s = images / elapsed
+        tflops = images_per_s / self.env.world_size * self.flops_per_image / 1e12
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step,
+            "loss": loss_sum / max(micro_steps, 1),
+            "accuracy": correct / max(images, 1),
+            "lr": self.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "images_per_s": images_per_s,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "data_wait_frac": wait_frac,
+            "max_memory_gb": max_memory_gb(self.device),
+            "data/skipped": int(skipped),
+            "epoch": self.loader.batches * self.config.train.micro_batch_size * self.env.world_size
+            / self.loader.stream.samples_per_epoch,
+        }
+        self.metrics.write(record)
+        meter.reset()
+        return record
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The client state saved with each checkpoint (collective: gathers every rank's part)."""
+        ranks = [None] * self.env.world_size
+        dist.all_gather_object(ranks, {"data": self.loader.state_dict(), "rng": rng_state()})
+        return {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "world_size": self.env.world_size,
+            "ranks": ranks,
+            "mlflow_run_id": self.tracker.run_id,
+            "config": self.config.to_yaml(),
+            # Lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints too.
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        ranks = state["ranks"]
+        if state["world_size"] == self.env.world_size:
+            self.loader.load_state_dict(ranks[self.env.rank]["data"])
+            set_rng_state(ranks[self.env.rank]["rng"])
+        else:  # another world size: the stream restarts on a fresh epoch (the loader warns)
+            self.loader.load_state_dict(ranks[0]["data"])
+            seed_everything(self.config.run.seed + 1000 * self.env.rank + self.step)
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config))
+
+    def close(self, status: str = "FINISHED") -> None:
+        if hasattr(self, "tracker"):
+            self.tracker.close(status)

@@ -1,0 +1,47 @@
+# Sourced by the stage scripts: environment and one srun-launched stage with requeue on preemption.
+#
+# sbatch runs a copy of the script from its spool directory, so the repository is the directory
+# sbatch was called from (run sbatch from the repository root), or $VIT_PIPELINE_ROOT.
+REPO=${VIT_PIPELINE_ROOT:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+cd "$REPO"
+mkdir -p logs
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PYTHON" ] || PYTHON=python3   # e.g. inside the Docker image
+EXIT_PREEMPTED=75                    # the trainer saved on SIGUSR1/SIGTERM: requeue the job
+
+# Rendezvous without ssh or a hostfile: rank 0 lives on the first node of the allocation, and the
+# ranks themselves come from srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
+# One tag shared by the stages of a pipeline (slurm/pipeline.sh sets it); a lone job uses its id.
+export VIT_PIPELINE_ID=${VIT_PIPELINE_ID:-slurm-$SLURM_JOB_ID}
+
+# CPU threads per rank: the cores SLURM gave the task, less the DataLoader workers' share is
+# up to the config (data.num_workers). One intra-op thread per core avoids oversubscription.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# NCCL: these are the usual settings for InfiniBand clusters; adjust to your fabric.
+#   NCCL_IB_HCA=mlx5            use the InfiniBand HCAs
+#   NCCL_SOCKET_IFNAME=^lo,docker   bootstrap over a real interface, never loopback or docker
+#   NCCL_ASYNC_ERROR_HANDLING=1 (TORCH_NCCL_ASYNC_ERROR_HANDLING in newer torch): a hung
+#                               collective raises instead of blocking the job until its limit
+#   NCCL_DEBUG=WARN             INFO when debugging topology or hangs
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+
+# run_stage SCRIPT DEFAULT_CONFIG [CONFIG] [key=value ...]
+run_stage() {
+  local script=$1 config=$2
+  shift 2
+  if [ $# -gt 0 ] && [[ $1 != *=* ]]; then config=$1; shift; fi
+  echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
+       "$SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, pipeline $VIT_PIPELINE_ID"
+  local status=0
+  # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others hanging.
+  srun --kill-on-bad-exit=1 "$PYTHON" "launch/$script" --config "$config" "$@" || status=$?
+  if [ "$status" -eq "$EXIT_PREEMPTED" ]; then
+    echo "[$(date -Is)] preempted after a checkpoint: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  exit "$status"
+}

@@ -1,0 +1,23 @@
+#!/bin/bash
+#SBATCH --job-name=vit-pretrain
+#SBATCH --nodes=4
+# one rank per GPU
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+# decode workers + the rank itself
+#SBATCH --cpus-per-task=14
+#SBATCH --time=72:00:00
+# SIGUSR1 to every rank 10 min before the limit: save, exit 75
+#SBATCH --signal=USR1@600
+# and come back to resume the checkpoint and MLflow run
+#SBATCH --requeue
+# a requeued job appends to its log
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+#
+# Pretraining: sbatch slurm/pretrain.sh [CONFIG] [key=value ...]   (default CONFIG: vit_h14.yaml)
+# Run sbatch from the repository root. Override the resources on the sbatch line, e.g.
+#   sbatch --nodes=8 slurm/pretrain.sh vit_l16.yaml optim.lr=5e-4
+set -uo pipefail
+source "${VIT_PIPELINE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
+run_stage train.py vit_h14.yaml "$@"

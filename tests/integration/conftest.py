@@ -1,0 +1,64 @@
+"""Shared helpers for multi-rank runs on the CPU through the ``deepspeed`` launcher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def deepspeed_cmd(script: str, ranks: int, *args: str) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+            str(ROOT / script), *args]
+
+
+def run_deepspeed(script: str, ranks: int, *args: str, timeout: int = 600, check: bool = True):
+    result = subprocess.run(deepspeed_cmd(script, ranks, *args), cwd=ROOT, env=launch_env(), capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """step -> the last metrics record of that step."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {record["step"]: record for record in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    from pipeline.data.sources import digits_source
+    from pipeline.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False)
+    return out
+
+
+def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
+    """A small, fast training run on the digits: 2 micro-batches of 16 per rank per step."""
+    return ["--config", str(ROOT / "configs/demo/pretrain.yaml"),
+            f"run.output_dir={out}", f"run.name={name}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+            f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json",
+            "data.num_workers=1", "data.shuffle_buffer=100", "train.global_batch_size=64",
+            "train.micro_batch_size=16", "train.total_steps=8", "train.log_every=1", "train.checkpoint_every=100",
+            *extra]

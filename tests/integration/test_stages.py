@@ -1,0 +1,88 @@
+"""Pretrain (ZeRO-3) -> fine-tune at 2x resolution (ZeRO-3, activation checkpointing) ->
+evaluate on 2 ranks -> export to timm, through the real launchers."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.model import resample_pos_embed
+from pipeline.train.consolidate import consolidated_state_dict
+
+from .conftest import ROOT, metrics, run_deepspeed, train_args
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stages(digits_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stages")
+    common = ["deepspeed.zero_stage=3", "run.pipeline=stages-test"]
+    run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "pre", *common, "model.pre_logits=32"))
+    finetune = run_deepspeed("launch/train.py", 2, *train_args(
+        digits_shards, out, "ft", *common, "run.stage=finetune", f"finetune.init_from={out}/pre", "model.image_size=16",
+        "optim.name=sgd", "optim.lr=1e-7", "optim.warmup_steps=0", "train.total_steps=2"))
+    config = ROOT / "configs/demo/evaluate.yaml"
+    evaluate = run_deepspeed("launch/evaluate.py", 2, "--config", str(config), "--checkpoint", str(out / "ft"),
+                             f"run.output_dir={out}", "run.name=eval", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+                             f"data.eval_shards={digits_shards}/val.json", "data.num_workers=2",
+                             "eval.micro_batch_size=32", "run.pipeline=stages-test")
+    return {"out": out, "shards": digits_shards, "finetune_log": finetune.stdout + finetune.stderr,
+            "evaluate_log": evaluate.stdout + evaluate.stderr}
+
+
+def test_finetune_resamples_pos_embed_from_a_zero3_checkpoint(stages):
+    out = stages["out"]
+    log = stages["finetune_log"]
+    assert "pos_embed resampled (1, 17, 64) -> (1, 65, 64)" in log
+    assert "pre-logits layer dropped" in log and "head re-initialised for 10 classes" in log
+    pretrained = consolidated_state_dict(out / "pre")
+    tuned = consolidated_state_dict(out / "ft")
+    assert tuned["pos_embed"].shape == (1, 65, 64)
+    # lr 1e-7: the fine-tuned weights are the pretrained ones, resampled where needed.
+    torch.testing.assert_close(tuned["pos_embed"], resample_pos_embed(pretrained["pos_embed"], (8, 8)), atol=2e-3, rtol=0)
+    torch.testing.assert_close(tuned["blocks.3.mlp.fc2.weight"], pretrained["blocks.3.mlp.fc2.weight"], atol=2e-3, rtol=0)
+    assert "pre_logits.fc.weight" not in tuned and tuned["head.weight"].shape == (10, 64)
+    assert metrics(out / "ft")[1]["loss"] == pytest.approx(math.log(10), abs=1e-3)  # the new head starts at zero
+
+
+def test_evaluation_counts_every_sample_once_on_two_ranks(stages):
+    out = stages["out"]
+    report = json.loads((out / "eval/report.json").read_text())
+    expected = json.loads((stages["shards"] / "val.json").read_text())["num_samples"]
+    assert report["num_samples"] == expected and report["skipped"] == 0 and report["world_size"] == 2
+    for key in ("top1", "top5", "loss", "ece", "images_per_s"):
+        assert key in report
+    assert 0 <= report["top1"] <= report["top5"] <= 1 and 0 <= report["ece"] <= 1
+    assert set(report["per_class_accuracy"]) == {str(i) for i in range(10)}
+    assert (out / "eval/confusion_matrix.png").stat().st_size > 1000
+    assert f"on {expected} images" in stages["evaluate_log"]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
+    evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    assert evaluation.data.metrics["top1"] == pytest.approx(report["top1"])
+    assert {r.data.tags["pipeline"] for r in runs} == {"stages-test"}
+
+
+def test_export_loads_into_timm(stages, tmp_path):
+    out = stages["out"]
+    target = tmp_path / "ft.safetensors"
+    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(out / "ft"), "--out", str(target)],
+                   check=True, capture_output=True, text=True)
+    config = json.loads(target.with_suffix(".json").read_text())
+    assert config["img_size"] == 16 and config["patch_size"] == 2 and config["num_classes"] == 10
+    theirs = timm.models.vision_transformer.VisionTransformer(**config).eval()
+    theirs.load_state_dict(load_file(str(target)), strict=True)
+    from pipeline.model import create_vit
+
+    ours = create_vit("pico/2", num_classes=10, image_size=16).eval()
+    ours.load_state_dict(consolidated_state_dict(out / "ft"))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-4)

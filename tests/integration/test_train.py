@@ -1,0 +1,130 @@
+"""2 CPU ranks through the deepspeed launcher: ZeRO-2 and ZeRO-3, bf16, activation checkpointing,
+accumulation of 2, exact resume, resume on fewer ranks, signal-triggered saves, bad losses."""
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import time
+
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from .conftest import ROOT, deepspeed_cmd, launch_env, metrics, run_deepspeed, train_args
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def runs(request, digits_shards, tmp_path_factory):
+    """Per ZeRO stage: 8 steps straight, and 4 steps + stop + resume + 4 steps."""
+    stage = request.param
+    out = tmp_path_factory.mktemp(f"zero{stage}")
+    common = [f"deepspeed.zero_stage={stage}"]
+    run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "straight", *common))
+    first = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.stop_at_step=4"))
+    second = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common))
+    return {"stage": stage, "out": out, "straight": out / "straight", "resumed": out / "resumed",
+            "logs": first.stdout + first.stderr + second.stdout + second.stderr}
+
+
+def test_training_runs_and_logs_every_step(runs):
+    records = metrics(runs["straight"])
+    assert sorted(records) == list(range(1, 9))
+    for record in records.values():
+        for key in ["loss", "lr", "grad_norm", "images_per_s", "tflops_per_device", "mfu", "data_wait_frac",
+                    "max_memory_gb", "data/skipped", "accuracy"]:
+            assert key in record
+        assert record["images_per_s"] > 0 and record["grad_norm"] > 0 and record["data/skipped"] == 0
+    assert records[8]["loss"] < records[1]["loss"]
+    ds = json.loads((runs["straight"] / "checkpoints/step00000008/complete.json").read_text())
+    assert ds["world_size"] == 2 and ds["zero_stage"] == runs["stage"] and ds["model"]["variant"] == "pico/2"
+
+
+def test_exact_resume_loss_for_loss(runs):
+    straight, resumed = metrics(runs["straight"]), metrics(runs["resumed"])
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(1, 9):
+        assert resumed[step]["loss"] == pytest.approx(straight[step]["loss"], rel=1e-6, abs=1e-7), step
+        assert resumed[step]["lr"] == pytest.approx(straight[step]["lr"])
+    assert "resumed from" in runs["logs"] and "at step 4" in runs["logs"]
+
+
+def test_resume_on_fewer_ranks(runs, tmp_path):
+    """2 ranks -> 1 rank through DeepSpeed's universal checkpoint."""
+    source = runs["resumed"] / "checkpoints"
+    work = tmp_path / "one-rank"
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "step00000008", work / "checkpoints/step00000008")
+    result = run_deepspeed("launch/train.py", 1, *train_args(
+        _shards_of(runs), tmp_path, "one-rank", f"deepspeed.zero_stage={runs['stage']}", "train.total_steps=10"))
+    assert (work / "checkpoints/step00000008_universal").is_dir()
+    records = metrics(work)
+    assert sorted(records) == [9, 10]
+    straight = metrics(runs["straight"])
+    # The weights carried over: a fresh model's first loss is ln(10) (its head is zero); this one
+    # continues where the 2-rank run left off.
+    assert straight[1]["loss"] == pytest.approx(math.log(10), abs=1e-3)
+    assert records[9]["loss"] < math.log(10) - 0.01
+    assert records[9]["loss"] == pytest.approx(metrics(runs["resumed"])[8]["loss"], abs=0.05)
+    assert "restarts at epoch" in result.stdout + result.stderr  # the data stream says what it did
+
+
+def _shards_of(runs) -> Path:
+    config = yaml.safe_load((runs["straight"] / "config.yaml").read_text())
+    return Path(config["data"]["train_shards"]).parent
+
+
+def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
+    work = tmp_path / "other"
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs["straight"] / "checkpoints/step00000008", work / "checkpoints/step00000008")
+    result = run_deepspeed("launch/train.py", 1, *train_args(_shards_of(runs), tmp_path, "other",
+                           "model.variant=mu/2"), check=False)
+    assert result.returncode != 0
+    assert "is of another model (variant: checkpoint 'pico/2', config 'mu/2')" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("runs", [2], indirect=True, ids=["zero2"])
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path):
+    work = tmp_path / "nan"
+    (work / "checkpoints").mkdir(parents=True)
+    shutil.copytree(runs["resumed"] / "checkpoints/step00000004", work / "checkpoints/step00000004")
+    result = run_deepspeed("launch/train.py", 2, *train_args(_shards_of(runs), tmp_path, "nan",
+                           "data.mean=[.nan, .nan, .nan]"), check=False)
+    assert result.returncode != 0
+    assert "non-finite loss at step 5" in result.stdout + result.stderr
+    assert (work / "checkpoints/step00000004/complete.json").is_file()
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000004"]
+
+
+def test_signal_on_one_rank_saves_on_all_and_exits_for_requeue(digits_shards, tmp_path):
+    args = train_args(digits_shards, tmp_path, "preempted", "train.total_steps=400")
+    launcher = subprocess.Popen(deepspeed_cmd("launch/train.py", 2, *args), cwd=ROOT, env=launch_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "preempted"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 3):
+            time.sleep(0.5)
+        # The ranks are the children of deepspeed.launcher.launch (their children are data workers).
+        launch = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                      if "deepspeed.launcher.launch" in " ".join(p.cmdline()))
+        ranks = launch.children()
+        assert len(ranks) == 2, [p.cmdline() for p in ranks]
+        rank1 = next(p for p in ranks if "--local_rank=1" in " ".join(p.cmdline()))
+        rank1.send_signal(signal.SIGUSR1)  # one rank only: the other must follow at the same step
+        output, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 75, output[-3000:]
+    saved = [p for p in (run_dir / "checkpoints").iterdir() if (p / "complete.json").is_file()]
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "complete.json").read_text())["step"]
+    assert 3 <= step < 400 and max(metrics(run_dir)) <= step
+    assert "received SIGUSR1" in output and "exiting with 75" in output

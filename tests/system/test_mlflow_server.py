@@ -1,0 +1,88 @@
+"""A real ``mlflow server`` on loopback: a 2-rank training run logs to it; the server is killed
+mid-run and started again; training never stops, and the run ends up with every step."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.integration.conftest import ROOT, deepspeed_cmd, free_port, launch_env, metrics, train_args
+
+pytestmark = pytest.mark.system
+
+
+def start_server(port: int, store: Path) -> subprocess.Popen:
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{store}/server.db", "--artifacts-destination", f"file://{store}/artifacts",
+           "--workers", "1"]
+    server = subprocess.Popen(cmd, cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError("mlflow server did not start within 120 s")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, as a crash would
+        server.wait(timeout=30)
+
+
+def wait_for_steps(run_dir: Path, steps: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= steps:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}")
+        time.sleep(0.3)
+    raise AssertionError(f"no step {steps} within {timeout} s")
+
+
+def test_training_survives_the_server_going_away_and_catches_up(digits_shards, tmp_path):
+    port = free_port()
+    store = tmp_path / "server"
+    store.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(port, store)
+    args = train_args(digits_shards, tmp_path, "tracked", "train.total_steps=120", f"run.tracking_uri={uri}",
+                      "run.pipeline=system-test")
+    training = subprocess.Popen(deepspeed_cmd("launch/train.py", 2, *args), cwd=ROOT, env=launch_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_dir = tmp_path / "tracked"
+        wait_for_steps(run_dir, 5, training)
+        stop_server(server)  # the server goes away mid-run
+        down_at = max(metrics(run_dir))
+        wait_for_steps(run_dir, down_at + 20, training)  # training goes on without it
+        server = start_server(port, store)  # and comes back
+        output, _ = training.communicate(timeout=300)
+        assert training.returncode == 0, output[-4000:]
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("vit-pipeline-demo")
+        runs = client.search_runs([experiment.experiment_id])
+        assert len(runs) == 1, "one run for the job, never one per rank"
+        run = runs[0]
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["stage"] == "pretrain" and run.data.tags["pipeline"] == "system-test"
+        assert run.data.params["deepspeed.zero_stage"] == "2"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert steps == list(range(1, 121)), "metrics logged while the server was down were caught up"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "deepspeed.json"}
+        assert "MLflow at" in output and "training goes on" in output
+    finally:
+        if training.poll() is None:
+            training.kill()
+        stop_server(server)

@@ -1,0 +1,85 @@
+"""The SLURM scripts under a real controller: sbatch --wait slurm/pretrain.sh, and
+slurm/pipeline.sh running pretrain -> fine-tune -> evaluate in order, on a 1-node CPU cluster."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.integration.conftest import ROOT, metrics
+
+pytestmark = pytest.mark.system
+
+# The scripts ask for GPUs and several nodes; this cluster has one CPU node.
+RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
+
+
+def demo_overrides(shards, out, steps: int) -> list[str]:
+    return [f"run.output_dir={out}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+            f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json", "data.num_workers=1",
+            f"train.total_steps={steps}", "train.log_every=5", f"train.checkpoint_every={steps}"]
+
+
+def job_env(cluster_env, **extra):
+    return dict(cluster_env, PYTHON=sys.executable, VIT_PIPELINE_ROOT=str(ROOT), DS_ACCELERATOR="cpu",
+                OMP_NUM_THREADS="1", **extra)
+
+
+def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
+    (tmp_path / "logs").mkdir()  # sbatch opens --output before the script runs
+    result = subprocess.run(
+        ["sbatch", "--wait", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
+         str(ROOT / "configs/demo/pretrain.yaml"), *demo_overrides(digits_shards, tmp_path, 10)],
+        cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
+    job_id = result.stdout.strip().split(";")[0]
+    logs = list((tmp_path / "logs").glob(f"vit-pretrain-{job_id}.out"))
+    log_text = logs[0].read_text() if logs else "(no log)"
+    assert result.returncode == 0, f"{result.stderr}\n{log_text[-4000:]}"
+    state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True).stdout
+    assert "JobState=COMPLETED" in state
+    assert f"job {job_id}" in log_text and "2 ranks" in log_text
+    run_dir = tmp_path / "runs/demo/demo-pretrain"
+    assert (run_dir / "checkpoints/step00000010/complete.json").is_file()
+    assert json.loads((run_dir / "checkpoints/step00000010/complete.json").read_text())["world_size"] == 2
+    assert max(metrics(run_dir)) == 10
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags["slurm_job_id"] == job_id
+    assert runs[0].data.tags["pipeline"] == f"slurm-{job_id}"
+
+
+def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_path):
+    (tmp_path / "logs").mkdir()
+    overrides = demo_overrides(digits_shards, tmp_path, 10)
+    overrides += [f"finetune.init_from={tmp_path}/runs/demo/demo-pretrain", f"eval.checkpoint={tmp_path}/runs/demo/demo-finetune"]
+    configs = [str(ROOT / f"configs/demo/{name}.yaml") for name in ("pretrain", "finetune", "evaluate")]
+    submitted = subprocess.run(
+        [str(ROOT / "slurm/pipeline.sh"), *configs, "--", *overrides], cwd=tmp_path,
+        env=job_env(slurm_cluster, SBATCH_ARGS=" ".join(RESOURCES), VIT_PIPELINE_ID="ci-pipeline"),
+        capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    jobs = submitted.stdout.strip().splitlines()[-1].split()
+    assert len(jobs) == 3
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], env=slurm_cluster, capture_output=True, text=True)
+        if not queue.stdout.strip():
+            break
+        time.sleep(2)
+    states = {}
+    for job in jobs:
+        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
+        states[job] = dict(field.split("=", 1) for field in info.split() if "=" in field)
+    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.out"))
+    assert [states[j]["JobState"] for j in jobs] == ["COMPLETED"] * 3, logs
+    # In order: each stage started after the one before it ended.
+    assert states[jobs[0]]["EndTime"] <= states[jobs[1]]["StartTime"] <= states[jobs[1]]["EndTime"] <= states[jobs[2]]["StartTime"]
+    report = json.loads((tmp_path / "runs/demo/demo-evaluate/report.json").read_text())
+    assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "val.json").read_text())["num_samples"]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
+    assert {r.data.tags["pipeline"] for r in runs} == {"ci-pipeline"}

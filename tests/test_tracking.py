@@ -1,0 +1,59 @@
+import time
+
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import Tracker, git_commit, tracking_uri
+
+
+def test_default_uri(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri() == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri() == "http://127.0.0.1:5000" and tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_run_params_metrics_artifacts_and_resume(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {"stage": "pretrain", "pipeline": "p1", "git_commit": git_commit(), "slurm_job_id": "none"}
+    tracker = Tracker(uri=uri, experiment="exp", run_name="r", tags=tags)
+    run_id = tracker.wait_started(timeout=60)
+    assert run_id
+    tracker.log_params({"optim.lr": 0.001, "model.variant": "L/16"})
+    for step in range(1, 4):
+        tracker.log_metrics({"loss": 1.0 / step, "mfu": None, "data/skipped": 0}, step=step)
+    tracker.log_text("a: 1\n", "config.yaml")
+    tracker.close()
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"optim.lr": "0.001", "model.variant": "L/16"}
+    assert run.data.tags["stage"] == "pretrain" and run.data.tags["pipeline"] == "p1"
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0, 0.5, 1 / 3]
+    assert "mfu" not in run.data.metrics and run.data.metrics["data/skipped"] == 0
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+
+    again = Tracker(uri=uri, experiment="exp", run_name="r", tags=tags, run_id=run_id)  # a requeued job
+    assert again.wait_started(timeout=60) == run_id
+    again.log_params({"optim.lr": 0.001})  # already logged: fine
+    again.log_metrics({"loss": 0.1}, step=4)
+    again.close()
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert len(client.search_runs([client.get_experiment_by_name("exp").experiment_id])) == 1
+
+
+def test_unreachable_server_never_blocks_or_raises():
+    tracker = Tracker(uri="http://127.0.0.1:9", experiment="e", run_name="r", tags={}, max_backoff_s=0.2)
+    start = time.monotonic()
+    assert tracker.wait_started(timeout=1.0) is None
+    for step in range(100):
+        tracker.log_metrics({"loss": 1.0}, step=step)
+    assert time.monotonic() - start < 3.0
+    tracker.close(timeout=1.0)
+    assert tracker.undelivered > 0
+
+
+def test_disabled_tracker_does_nothing():
+    tracker = Tracker(uri="http://127.0.0.1:9", experiment="e", run_name="r", tags={}, enabled=False)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.close()
+    assert tracker.run_id is None and tracker.undelivered == 0
