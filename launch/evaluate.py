@@ -12,31 +12,20 @@ Writes RUN_DIR/report.json and an MLflow run tagged stage=evaluate.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.train.distributed import discover  # noqa: E402
+from pipeline.cli import stage_parser, start_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a config path, or a name under configs/")
+    parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", help="what to evaluate (default: eval.checkpoint)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.image_size=448")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    env = discover(args.local_rank)
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    env, config = start_stage(args, check_world_size=False)
+    if config is None:
         return 2
 
     import deepspeed
@@ -44,7 +33,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.evaluate import evaluate
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed()
     try:
         report = evaluate(config, env, args.checkpoint)

@@ -12,30 +12,17 @@ Overrides are dotted keys after the config. Exit status: 0 done, 75 saved after 
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
-from pipeline.train.distributed import discover  # noqa: E402
+from pipeline.cli import stage_parser, start_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a config path, or a name under configs/")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.total_steps=100")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    env = discover(args.local_rank)
-    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
-                        format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.overrides, world_size=env.world_size)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+    env, config = start_stage(stage_parser(__doc__).parse_args(argv), check_world_size=True)
+    if config is None:
         return 2
 
     import deepspeed
@@ -43,7 +30,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
 
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed()
     trainer, code, status = None, 1, "FAILED"
     try:

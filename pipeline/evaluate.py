@@ -84,7 +84,9 @@ def load_eval_model(config: Config, source: str, ds_config: dict):
     if HEAD_KEYS[0] in state and model.num_classes and state[HEAD_KEYS[0]].shape[0] != model.num_classes:
         raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
                          f"model.num_classes is {model.num_classes}")
-    state = adapt_state_dict(state, model, source=source)
+    with torch.device("meta"):  # true shapes (ZeRO-3 parameters are partitioned), no memory
+        reference = vit_from_config(config.model)
+    state = adapt_state_dict(state, reference, source=source)
     if model.num_classes and HEAD_KEYS[0] not in state:
         raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
                          f"model.num_classes as the checkpoint was trained")

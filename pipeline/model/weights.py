@@ -23,7 +23,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *, reset_head: bool = False,
                      source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Make ``state`` (ours or timm's) fit ``model``, as fine-tuning needs.
+    """Make ``state`` (ours or timm's) fit ``model``, as fine-tuning needs. Only the model's
+    structure is read, so a meta-device model serves.
 
     - ``pos_embed`` is resampled to the model's grid (bicubic, antialiased; class token kept);
     - a pre-logits layer the model lacks is dropped;

@@ -92,6 +92,8 @@ class Trainer:
             config.save(self.run_dir / "config.yaml")
 
         self.ds_config = build_deepspeed_config(config, env.world_size)
+        self.device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
+        self.loader = self.build_loader()  # first: a dataset that does not fit is refused before any model work
         resume = ckpt.resolve_resume(config.train.resume, self.checkpoints.directory)
         if resume is not None:
             ckpt.check_model(resume, model_signature(config))
@@ -106,13 +108,11 @@ class Trainer:
         model = self.build_model(pretrained=config.finetune.init_from if config.run.stage == "finetune"
                                  and resume is None else None)
         optimizer = build_optimizer(model, config.optim, offload=config.deepspeed.offload_optimizer != "none",
-                                    device=torch.device(deepspeed.get_accelerator().device_name(env.local_rank)))
+                                    device=self.device)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
-        self.device = self.engine.device
         self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
         seed_everything(config.run.seed + 1000 * env.rank)  # dropout and mixing differ per rank
 
-        self.loader = self.build_loader()
         self.total_steps = total_steps(config, self.loader.stream.samples_per_epoch)
         self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
         self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
@@ -145,7 +145,9 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
                 model.init_module_weights(name, module)
         if pretrained:
-            state = adapt_state_dict(consolidated_state_dict(pretrained), model,
+            with torch.device("meta"):  # true shapes (ZeRO-3 parameters are partitioned), no memory
+                reference = vit_from_config(config.model)
+            state = adapt_state_dict(consolidated_state_dict(pretrained), reference,
                                      reset_head=config.finetune.reset_head, source=pretrained)
             load_weights(model, state, zero3=zero3)
         if config.finetune.freeze_backbone:

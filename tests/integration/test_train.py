@@ -56,10 +56,7 @@ def test_exact_resume_loss_for_loss(runs):
 
 def test_resume_on_fewer_ranks(runs, tmp_path):
     """2 ranks -> 1 rank through DeepSpeed's universal checkpoint."""
-    source = runs["resumed"] / "checkpoints"
-    work = tmp_path / "one-rank"
-    (work / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source / "step00000008", work / "checkpoints/step00000008")
+    work = copy_checkpoint(runs["resumed"], 8, tmp_path / "one-rank")
     result = run_deepspeed("launch/train.py", 1, *train_args(
         _shards_of(runs), tmp_path, "one-rank", f"deepspeed.zero_stage={runs['stage']}", "train.total_steps=10"))
     assert (work / "checkpoints/step00000008_universal").is_dir()
@@ -74,15 +71,20 @@ def test_resume_on_fewer_ranks(runs, tmp_path):
     assert "restarts at epoch" in result.stdout + result.stderr  # the data stream says what it did
 
 
+def copy_checkpoint(run_dir: Path, step: int, new_run_dir: Path) -> Path:
+    """A new run directory holding one checkpoint of another run."""
+    tag = f"step{step:08d}"
+    shutil.copytree(run_dir / "checkpoints" / tag, new_run_dir / "checkpoints" / tag)
+    return new_run_dir
+
+
 def _shards_of(runs) -> Path:
     config = yaml.safe_load((runs["straight"] / "config.yaml").read_text())
     return Path(config["data"]["train_shards"]).parent
 
 
 def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
-    work = tmp_path / "other"
-    (work / "checkpoints").mkdir(parents=True)
-    shutil.copytree(runs["straight"] / "checkpoints/step00000008", work / "checkpoints/step00000008")
+    work = copy_checkpoint(runs["straight"], 8, tmp_path / "other")
     result = run_deepspeed("launch/train.py", 1, *train_args(_shards_of(runs), tmp_path, "other",
                            "model.variant=mu/2"), check=False)
     assert result.returncode != 0
@@ -91,9 +93,7 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
 
 @pytest.mark.parametrize("runs", [2], indirect=True, ids=["zero2"])
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path):
-    work = tmp_path / "nan"
-    (work / "checkpoints").mkdir(parents=True)
-    shutil.copytree(runs["resumed"] / "checkpoints/step00000004", work / "checkpoints/step00000004")
+    work = copy_checkpoint(runs["resumed"], 4, tmp_path / "nan")
     result = run_deepspeed("launch/train.py", 2, *train_args(_shards_of(runs), tmp_path, "nan",
                            "data.mean=[.nan, .nan, .nan]"), check=False)
     assert result.returncode != 0
@@ -128,3 +128,12 @@ def test_signal_on_one_rank_saves_on_all_and_exits_for_requeue(digits_shards, tm
     step = json.loads((saved[0] / "complete.json").read_text())["step"]
     assert 3 <= step < 400 and max(metrics(run_dir)) <= step
     assert "received SIGUSR1" in output and "exiting with 75" in output
+
+
+def test_too_few_shards_for_ranks_x_workers_is_refused_at_start(digits_shards, tmp_path):
+    shards = len([p for p in digits_shards.glob("train-*.tar")])
+    result = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, tmp_path, "few", "data.num_workers=8"),
+                           check=False)
+    assert result.returncode != 0
+    assert f"data.train_shards has {shards} shards, fewer than ranks x workers = 2 x 8 = 16" in result.stdout + result.stderr
+    assert not (tmp_path / "few/checkpoints").exists()
