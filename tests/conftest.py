@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,3 +19,13 @@ def write_yaml(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    from pipeline.data.sources import digits_source
+    from pipeline.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False)
+    return out

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from pipeline.model import resample_pos_embed
 from pipeline.train.consolidate import consolidated_state_dict
 
-from .conftest import ROOT, metrics, run_deepspeed, train_args
+from tests.helpers import ROOT, metrics, run_deepspeed, train_args
 
 pytestmark = pytest.mark.integration
 

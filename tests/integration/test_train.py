@@ -14,7 +14,7 @@ import psutil
 import pytest
 import yaml
 
-from .conftest import ROOT, deepspeed_cmd, launch_env, metrics, run_deepspeed, train_args
+from tests.helpers import ROOT, deepspeed_cmd, launch_env, metrics, run_deepspeed, train_args
 
 pytestmark = pytest.mark.integration
 

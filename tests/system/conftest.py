@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.helpers import free_port
 
 
 def _ensure_slurm_installed() -> str | None:

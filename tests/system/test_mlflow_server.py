@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import ROOT, deepspeed_cmd, free_port, launch_env, metrics, train_args
+from tests.helpers import ROOT, deepspeed_cmd, free_port, launch_env, metrics, train_args
 
 pytestmark = pytest.mark.system
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.integration.conftest import ROOT, metrics
+from tests.helpers import ROOT, metrics
 
 pytestmark = pytest.mark.system
 
@@ -41,7 +41,7 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
     state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in state
     assert f"job {job_id}" in log_text and "2 ranks" in log_text
-    run_dir = tmp_path / "runs/demo/demo-pretrain"
+    run_dir = tmp_path / "demo-pretrain"
     assert (run_dir / "checkpoints/step00000010/complete.json").is_file()
     assert json.loads((run_dir / "checkpoints/step00000010/complete.json").read_text())["world_size"] == 2
     assert max(metrics(run_dir)) == 10
@@ -54,7 +54,7 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
 def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_path):
     (tmp_path / "logs").mkdir()
     overrides = demo_overrides(digits_shards, tmp_path, 10)
-    overrides += [f"finetune.init_from={tmp_path}/runs/demo/demo-pretrain", f"eval.checkpoint={tmp_path}/runs/demo/demo-finetune"]
+    overrides += [f"finetune.init_from={tmp_path}/demo-pretrain", f"eval.checkpoint={tmp_path}/demo-finetune"]
     configs = [str(ROOT / f"configs/demo/{name}.yaml") for name in ("pretrain", "finetune", "evaluate")]
     submitted = subprocess.run(
         [str(ROOT / "slurm/pipeline.sh"), *configs, "--", *overrides], cwd=tmp_path,
@@ -77,7 +77,7 @@ def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_p
     assert [states[j]["JobState"] for j in jobs] == ["COMPLETED"] * 3, logs
     # In order: each stage started after the one before it ended.
     assert states[jobs[0]]["EndTime"] <= states[jobs[1]]["StartTime"] <= states[jobs[1]]["EndTime"] <= states[jobs[2]]["StartTime"]
-    report = json.loads((tmp_path / "runs/demo/demo-evaluate/report.json").read_text())
+    report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
     assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "val.json").read_text())["num_samples"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])

@@ -1,4 +1,4 @@
-"""Shared helpers for multi-rank runs on the CPU through the ``deepspeed`` launcher."""
+"""Helpers for multi-rank runs on the CPU through the ``deepspeed`` launcher."""
 
 import json
 import os
@@ -7,9 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
@@ -42,16 +40,6 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     """step -> the last metrics record of that step."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {record["step"]: record for record in map(json.loads, lines)}
-
-
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory) -> Path:
-    from pipeline.data.sources import digits_source
-    from pipeline.data.writer import write_shards
-
-    out = tmp_path_factory.mktemp("digits")
-    write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False)
-    return out
 
 
 def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:
