@@ -92,3 +92,62 @@ def train_flops_per_image(shape: VitShape, recompute: bool = False) -> int:
     """Model FLOPs of one training image: forward + backward (2 x forward) = 3 x forward; with
     ``recompute`` (activation checkpointing) the hardware does one more forward."""
     return 2 * forward_macs(shape) * (4 if recompute else 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (bytes)
+
+# Model states per parameter, DeepSpeed's bf16 mixed-precision Adam: the ZeRO paper's 16 bytes
+# (2 bf16 params + 2 bf16 grads + K = 12 for fp32 master weights, momentum and variance) plus the
+# fp32 gradient DeepSpeed accumulates into. Which terms are partitioned depends on the stage.
+PARAM_16, GRAD_16, GRAD_32, OPTIMIZER = 2, 2, 4, 12
+
+
+def largest_layer_params(shape: VitShape) -> int:
+    """Parameters of the largest single module (what ZeRO-3 gathers at once)."""
+    d, m = shape.width, shape.mlp_dim
+    return max(d * m + m, m * d + d, d * 3 * d + 3 * d, (shape.pre_logits or d) * shape.num_classes + shape.num_classes)
+
+
+def model_state_bytes(shape: VitShape, zero_stage: int, num_gpus: int) -> int:
+    """Parameters, gradients and optimizer states per GPU. Stages 2 and 3 equal DeepSpeed's
+    ``estimate_zero{2,3}_model_states_mem_needs`` (no offload)."""
+    n, p = num_gpus, param_count(shape)
+    if zero_stage == 0:
+        return (PARAM_16 + GRAD_16 + GRAD_32 + OPTIMIZER) * p
+    if zero_stage == 1:
+        return (PARAM_16 + GRAD_16) * p + (GRAD_32 + OPTIMIZER) * p // n
+    if zero_stage == 2:
+        return PARAM_16 * p + (GRAD_16 + GRAD_32 + OPTIMIZER) * p // n
+    # ZeRO-3: everything partitioned, plus one gathered layer (bf16 params and grads).
+    return (PARAM_16 + GRAD_16) * largest_layer_params(shape) + (PARAM_16 + GRAD_32 + OPTIMIZER) * p // n
+
+
+def activation_bytes_per_image(shape: VitShape, *, checkpointing: bool, flash: bool = True) -> int:
+    """Activations kept for backward, per image, in bf16 (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models": s*h*(34 + 5*a*s/h) bytes per layer;
+    flash attention drops the 5*a*s^2 score term). With checkpointing every block, each layer
+    keeps only its bf16 input (2*s*h) and one layer's activations exist during its recompute."""
+    s, h, a = shape.num_tokens, shape.width, shape.heads
+    layer = 34 * s * h + (0 if flash else 5 * a * s * s)
+    embeddings = 2 * shape.in_chans * shape.image_size**2 + 4 * s * h  # the input, and patch tokens
+    if checkpointing:
+        return embeddings + shape.depth * 2 * s * h + layer
+    return embeddings + shape.depth * layer
+
+
+def max_micro_batch(shape: VitShape, zero_stage: int, num_gpus: int, gpu_bytes: float, *, checkpointing: bool,
+                    flash: bool = True, reserved_bytes: float = 0.0) -> int:
+    """The largest micro-batch whose model states and activations fit ``gpu_bytes - reserved``."""
+    free = gpu_bytes - reserved_bytes - model_state_bytes(shape, zero_stage, num_gpus)
+    return max(0, int(free // activation_bytes_per_image(shape, checkpointing=checkpointing, flash=flash)))
+
+
+def gradient_bytes_sent_per_gpu(shape: VitShape, zero_stage: int, num_gpus: int) -> float:
+    """Bytes each GPU sends per gradient synchronisation (ring algorithms, bf16): an all-reduce
+    (stages 0-1) or a reduce-scatter + all-gather (2) moves 2(N-1)/N x 2 bytes x params;
+    ZeRO-3 gathers the parameters again in the backward pass (1.5x)."""
+    if num_gpus <= 1:
+        return 0.0
+    volume = 2 * (num_gpus - 1) / num_gpus * PARAM_16 * param_count(shape)
+    return volume * (1.5 if zero_stage == 3 else 1.0)

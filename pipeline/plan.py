@@ -1,0 +1,149 @@
+"""Job planning: memory per GPU by ZeRO stage, the recommended set-up, step time, wall-clock,
+decode cores and communication, from the analytic model in :mod:`pipeline.flops`. Every
+assumption is a field of :class:`Assumptions`, printed with its value, and overridable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from pipeline.config import Config
+from pipeline.flops import (
+    VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu, max_micro_batch,
+    model_state_bytes, param_count, train_flops_per_image,
+)
+
+GB = 1e9
+# name: (memory in GB, dense bf16 TFLOP/s), from the vendors' data sheets.
+GPUS = {"h100": (80, 989.4), "h200": (141, 989.4), "a100": (80, 312.0), "a100-40gb": (40, 312.0), "l40s": (48, 362.1)}
+
+
+@dataclass
+class Assumptions:
+    gpu: str = "h100"
+    hfu: float = 0.45  # hardware FLOP utilisation the step runs at (recompute counts as work)
+    reserved_gb: float = 6.0  # CUDA context, NCCL buffers, allocator slack
+    intra_node_gbps: float = 3600.0  # NVLink per GPU, Gbit/s (H100 SXM: 450 GB/s)
+    inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
+    comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
+    decode_images_per_s_per_core: float = 767.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
+    flash_attention: bool = True
+
+
+def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) -> dict:
+    shape = VitShape.from_config(config.model)
+    gpus = nodes * gpus_per_node
+    memory_gb, peak_tflops = GPUS[assume.gpu]
+    gpu_bytes, reserved = memory_gb * GB, assume.reserved_gb * GB
+    per_gpu_batch = config.train.global_batch_size // gpus
+
+    memory = {}
+    for stage in range(4):
+        states = model_state_bytes(shape, stage, gpus)
+        for ckpt in (False, True):
+            memory[(stage, ckpt)] = {
+                "model_states_gb": states / GB,
+                "activations_gb_per_image": activation_bytes_per_image(shape, checkpointing=ckpt,
+                                                                       flash=assume.flash_attention) / GB,
+                "max_micro_batch": max_micro_batch(shape, stage, gpus, gpu_bytes, checkpointing=ckpt,
+                                                   flash=assume.flash_attention, reserved_bytes=reserved),
+            }
+    stage, ckpt, micro = recommend(memory, per_gpu_batch)
+    recompute = ckpt
+    flops = train_flops_per_image(shape)
+    hardware_flops = train_flops_per_image(shape, recompute=recompute)
+    compute_s = config.train.global_batch_size * hardware_flops / (gpus * peak_tflops * 1e12 * assume.hfu)
+    scaling = {}
+    for n in sorted({1, 2, 4, 8, nodes} | ({nodes // 2} if nodes > 2 else set())):
+        if n > nodes or n < 1:
+            continue
+        comm_s = comm_seconds(shape, stage, n * gpus_per_node, n, micro, config, assume)
+        step = compute_s * gpus / (n * gpus_per_node) + comm_s * (1 - assume.comm_overlap)
+        scaling[n] = (compute_s * gpus / (n * gpus_per_node)) / step
+    comm_s = comm_seconds(shape, stage, gpus, nodes, micro, config, assume)
+    step_s = compute_s + comm_s * (1 - assume.comm_overlap)
+    images_per_s = config.train.global_batch_size / step_s
+    steps = total_steps_of(config)
+    return {
+        "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
+        "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
+        "train_gflops_per_image": flops / 1e9,
+        "memory": {f"zero{s}{'+ckpt' if c else ''}": v for (s, c), v in memory.items()},
+        "recommended": {"zero_stage": stage, "activation_checkpointing": ckpt, "micro_batch_size": micro,
+                        "gradient_accumulation_steps": max(1, per_gpu_batch // max(micro, 1))},
+        "step_time_s": step_s, "images_per_s": images_per_s, "images_per_s_per_gpu": images_per_s / gpus,
+        "mfu": assume.hfu * (3 / 4 if recompute else 1.0),
+        "total_steps": steps, "wall_clock_hours": steps * step_s / 3600 if steps else None,
+        "decode_cores_per_gpu": images_per_s / gpus / assume.decode_images_per_s_per_core,
+        "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
+        "communication_s_per_step": comm_s,
+        "scaling_efficiency": {str(n): e for n, e in scaling.items()},
+        "assumptions": asdict(assume),
+    }
+
+
+def recommend(memory: dict, per_gpu_batch: int) -> tuple[int, bool, int]:
+    """The lowest ZeRO stage, without checkpointing if possible, whose largest fitting micro-batch
+    is at least 16 (or the whole per-GPU batch); the micro-batch is the largest power of two that
+    fits and divides the per-GPU batch."""
+    wanted = min(16, per_gpu_batch)
+    options = [(s, c) for c in (False, True) for s in range(4)]
+    stage, ckpt = next(((s, c) for s, c in options if memory[(s, c)]["max_micro_batch"] >= wanted),
+                       max(options, key=lambda k: memory[k]["max_micro_batch"]))
+    fits = min(memory[(stage, ckpt)]["max_micro_batch"], per_gpu_batch)
+    micro = 1
+    while micro * 2 <= fits and per_gpu_batch % (micro * 2) == 0:
+        micro *= 2
+    return stage, ckpt, micro if fits else 0
+
+
+def comm_bytes_per_step(shape: VitShape, stage: int, gpus: int, micro: int, config: Config) -> float:
+    # ZeRO-2/3 reduce-scatter every micro-batch's gradients; stages 0-1 reduce once per step.
+    accumulation = max(1, config.train.global_batch_size // (gpus * max(micro, 1)))
+    return gradient_bytes_sent_per_gpu(shape, stage, gpus) * (accumulation if stage >= 2 else 1)
+
+
+def comm_seconds(shape, stage, gpus, nodes, micro, config, assume: Assumptions) -> float:
+    gbps = assume.inter_node_gbps if nodes > 1 else assume.intra_node_gbps
+    return comm_bytes_per_step(shape, stage, gpus, micro, config) * 8 / (gbps * 1e9)
+
+
+def total_steps_of(config: Config) -> int | None:
+    t = config.train
+    if t.total_steps:
+        return t.total_steps
+    if t.total_samples:
+        return t.total_samples // t.global_batch_size
+    if t.epochs and config.data.samples_per_epoch:
+        return int(t.epochs * config.data.samples_per_epoch) // t.global_batch_size
+    return None
+
+
+def format_plan(result: dict) -> str:
+    r, a = result, result["assumptions"]
+    lines = [f"ViT {r['variant']} at {r['image_size']} px on {r['nodes']} node(s) x {r['gpus'] // r['nodes']} "
+             f"{a['gpu'].upper()} = {r['gpus']} GPUs",
+             f"  parameters                 {r['params']:,}",
+             f"  forward GMAC per image     {r['forward_gmacs_per_image']:.1f}",
+             f"  training GFLOP per image   {r['train_gflops_per_image']:.1f}  (3 x forward; recompute not counted)",
+             "", f"  {'memory per GPU':<16} {'model states':>12} {'act./image':>11} {'max micro-batch':>16}"]
+    for name, m in r["memory"].items():
+        lines.append(f"  {name:<16} {m['model_states_gb']:>9.1f} GB {m['activations_gb_per_image']:>8.3f} GB "
+                     f"{m['max_micro_batch']:>16}")
+    rec = r["recommended"]
+    lines += ["", f"  recommended                ZeRO-{rec['zero_stage']}, activation checkpointing "
+                  f"{'on' if rec['activation_checkpointing'] else 'off'}, micro-batch {rec['micro_batch_size']}, "
+                  f"accumulation {rec['gradient_accumulation_steps']}",
+              f"  step time                  {r['step_time_s']:.3f} s at {a['hfu']:.0%} hardware FLOP utilisation "
+              f"(MFU {r['mfu']:.0%})",
+              f"  throughput                 {r['images_per_s']:,.0f} images/s ({r['images_per_s_per_gpu']:,.0f} per GPU)"]
+    if r["wall_clock_hours"] is not None:
+        lines.append(f"  training length            {r['total_steps']:,} steps = {r['wall_clock_hours']:,.1f} h "
+                     f"({r['wall_clock_hours'] / 24:.1f} days)")
+    lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {a['decode_images_per_s_per_core']:.0f} "
+              "images/s per core (data benchmark)",
+              f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
+              f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s",
+              "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
+              "", "  assumptions (override with --set NAME=VALUE): "
+              + ", ".join(f"{k}={v}" for k, v in a.items())]
+    return "\n".join(lines)
