@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.train import signals
 from pipeline.train.distributed import DistEnv, discover
 
 
@@ -20,8 +21,9 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
 
 
 def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[DistEnv, Config | None]:
-    """Discover the ranks, set up logging (INFO on rank 0), load the config. The config is None
-    after a config error, which has been printed."""
+    """Catch preemption signals, discover the ranks, set up logging (INFO on rank 0), load the
+    config. The config is None after a config error, which has been printed."""
+    signals.install()
     env = discover(args.local_rank)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")

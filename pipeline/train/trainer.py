@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
-import signal
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +23,7 @@ from pipeline.model import VisionTransformer, vit_from_config
 from pipeline.model.weights import adapt_state_dict
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import signals
 from pipeline.train.consolidate import consolidated_state_dict, load_weights
 from pipeline.train.distributed import DistEnv
 from pipeline.train.ds_config import build_deepspeed_config
@@ -85,7 +86,7 @@ class Trainer:
         self.run_dir = config.run.run_dir
         self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
         self.step, self.bad_steps, self.lr = 0, 0, 0.0
-        self._signal: str | None = None
+        signals.install()  # the launchers install it first thing; a library caller gets it here
         config.check_world_size(env.world_size)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,8 +130,6 @@ class Trainer:
                 log.info("resumed from %s at step %d", resume, self.step)
         self.tracker = self.start_tracking(run_id)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -187,10 +186,6 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signal.Signals(signum).name
-        log.warning("rank %d received %s: saving at the next step, then exiting", self.env.rank, self._signal)
-
     def train_step(self, batches: Iterator[dict], meter: Meter) -> bool:
         """One optimizer step over the accumulation micro-batches. Returns whether any rank has
         been asked to stop (a signal), agreed on by all ranks."""
@@ -210,7 +205,7 @@ class Trainer:
             logits = self.engine(images.to(self.dtype)).float()
             loss = F.cross_entropy(logits, targets, label_smoothing=c.data.label_smoothing)
             # One small all-reduce per micro-batch: all ranks agree on a signal and a bad loss.
-            flags = torch.stack([torch.tensor(float(self._signal is not None), device=self.device),
+            flags = torch.stack([torch.tensor(float(signals.received() is not None), device=self.device),
                                  (~torch.isfinite(loss.detach())).float()])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop |= bool(flags[0] > 0)
@@ -251,8 +246,13 @@ class Trainer:
                     self.save()
                     saved_at = self.step
                 if stop:
-                    log.warning("saved step %d after %s; exiting with %d for a requeue", self.step, self._signal or
-                                "a signal on another rank", EXIT_PREEMPTED)
+                    log.warning("saved step %d after %s; exiting with %d for a requeue", self.step,
+                                signals.received() or "a signal on another rank", EXIT_PREEMPTED)
+                    marker = os.environ.get("VIT_PREEMPTED_FILE")
+                    if marker and self.is_main:
+                        # The SLURM scripts requeue on this file: srun's exit status is unreliable
+                        # once one rank's exit has made it cancel the others.
+                        Path(marker).write_text(f"{self.step}\n")
                     status = EXIT_PREEMPTED
                     break
                 if self.step == c.stop_at_step:

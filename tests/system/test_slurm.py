@@ -83,3 +83,40 @@ def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_p
     runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
     assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
     assert {r.data.tags["pipeline"] for r in runs} == {"ci-pipeline"}
+
+
+def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_shards, tmp_path):
+    """SIGUSR1 (what --signal=USR1@600 sends before the time limit) to the job's ranks: they save
+    and exit 75, the script requeues the job, and the requeued job resumes the checkpoint and the
+    MLflow run to the end."""
+    (tmp_path / "logs").mkdir()
+    overrides = demo_overrides(digits_shards, tmp_path, 100) + ["train.checkpoint_every=1000"]
+    submitted = subprocess.run(["sbatch", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
+                                str(ROOT / "configs/demo/pretrain.yaml"), *overrides],
+                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
+    job = submitted.stdout.strip().split(";")[0]
+    run_dir = tmp_path / "demo-pretrain"
+    deadline = time.time() + 600
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
+        time.sleep(1)
+    assert (run_dir / "metrics.jsonl").exists(), "training did not start"
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
+
+    def state():
+        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
+        return dict(field.split("=", 1) for field in info.split() if "=" in field)
+
+    while time.time() < deadline and state().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(2)
+    final = state()
+    log_text = (tmp_path / "logs" / f"vit-pretrain-{job}.out").read_text()
+    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
+    assert "preempted after a checkpoint: requeueing" in log_text and "restart 1" in log_text
+    assert "resumed from" in log_text
+    records = metrics(run_dir)
+    assert max(records) == 100 and (run_dir / "checkpoints/step00000100/complete.json").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
+    assert len(runs) == 1, "the requeued job continues its MLflow run"
+    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")})
+    assert steps == list(range(5, 101, 5)) and runs[0].info.status == "FINISHED"
