@@ -205,6 +205,19 @@ class Config(Section):
         self.check_world_size(world_size)
         return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
 
+    def total_steps(self, samples_per_epoch: int | None = None) -> int | None:
+        """Optimizer steps: ``train.total_steps``, or from ``total_samples``, or from ``epochs`` x
+        samples per epoch (``data.samples_per_epoch``, else the one given). None if unknown."""
+        t = self.train
+        per_epoch = self.data.samples_per_epoch or samples_per_epoch
+        if t.total_steps:
+            return t.total_steps
+        if t.total_samples:
+            return max(1, t.total_samples // t.global_batch_size)
+        if t.epochs and per_epoch:
+            return max(1, int(t.epochs * per_epoch) // t.global_batch_size)
+        return None
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

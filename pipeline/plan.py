@@ -8,13 +8,14 @@ from dataclasses import asdict, dataclass
 
 from pipeline.config import Config
 from pipeline.flops import (
-    VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu, max_micro_batch,
+    DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu, max_micro_batch,
     model_state_bytes, param_count, train_flops_per_image,
 )
 
 GB = 1e9
-# name: (memory in GB, dense bf16 TFLOP/s), from the vendors' data sheets.
-GPUS = {"h100": (80, 989.4), "h200": (141, 989.4), "a100": (80, 312.0), "a100-40gb": (40, 312.0), "l40s": (48, 362.1)}
+# name: (memory in GB, dense bf16 TFLOP/s), memory from the vendors' data sheets.
+GPUS = {name: (memory, DEVICE_PEAK_TFLOPS[device]) for name, memory, device in [
+    ("h100", 80, "H100"), ("h200", 141, "H200"), ("a100", 80, "A100"), ("a100-40gb", 40, "A100"), ("l40s", 48, "L40S")]}
 
 
 @dataclass
@@ -62,7 +63,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     comm_s = comm_seconds(shape, stage, gpus, nodes, micro, config, assume)
     step_s = compute_s + comm_s * (1 - assume.comm_overlap)
     images_per_s = config.train.global_batch_size / step_s
-    steps = total_steps_of(config)
+    steps = config.total_steps()
     return {
         "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
         "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
@@ -105,17 +106,6 @@ def comm_bytes_per_step(shape: VitShape, stage: int, gpus: int, micro: int, conf
 def comm_seconds(shape, stage, gpus, nodes, micro, config, assume: Assumptions) -> float:
     gbps = assume.inter_node_gbps if nodes > 1 else assume.intra_node_gbps
     return comm_bytes_per_step(shape, stage, gpus, micro, config) * 8 / (gbps * 1e9)
-
-
-def total_steps_of(config: Config) -> int | None:
-    t = config.train
-    if t.total_steps:
-        return t.total_steps
-    if t.total_samples:
-        return t.total_samples // t.global_batch_size
-    if t.epochs and config.data.samples_per_epoch:
-        return int(t.epochs * config.data.samples_per_epoch) // t.global_batch_size
-    return None
 
 
 def format_plan(result: dict) -> str:

@@ -160,3 +160,11 @@ def test_contract_keys_exist():
                 "deepspeed.activation_checkpointing", "finetune.init_from"]:
         assert key in flat, key
     assert Path(CONFIG_DIR).is_dir()
+
+
+def test_training_length_from_steps_samples_or_epochs():
+    assert load_config("vit_l16").total_steps() == 90 * 14197122 // 4096  # epochs x data.samples_per_epoch
+    assert load_config("vit_l16", ["train.epochs=null", "train.total_samples=4096000"]).total_steps() == 1000
+    assert load_config("vit_l16", ["train.epochs=null", "train.total_steps=7"]).total_steps() == 7
+    no_count = load_config("vit_l16", ["data.samples_per_epoch=null"])
+    assert no_count.total_steps() is None and no_count.total_steps(samples_per_epoch=4096) == 90

@@ -64,17 +64,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(config: Config, samples_per_epoch: int | None) -> int:
-    t = config.train
-    if t.total_steps:
-        return t.total_steps
-    if t.total_samples:
-        return max(1, t.total_samples // t.global_batch_size)
-    if t.epochs and samples_per_epoch:
-        return max(1, int(t.epochs * samples_per_epoch) // t.global_batch_size)
-    raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
-
-
 class Trainer:
     """Builds the model, engine and data stream for ``config`` on the ranks of ``env``. A
     fine-tuning run (``run.stage: finetune``) starts from ``finetune.init_from``, unless it is
@@ -114,7 +103,9 @@ class Trainer:
         self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
         seed_everything(config.run.seed + 1000 * env.rank)  # dropout and mixing differ per rank
 
-        self.total_steps = total_steps(config, self.loader.stream.samples_per_epoch)
+        self.total_steps = config.total_steps(self.loader.stream.samples_per_epoch)
+        if self.total_steps is None:
+            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
         self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
         self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
         self.flops_per_image = train_flops_per_image(VitShape.from_config(config.model))
