@@ -137,10 +137,18 @@ class Tracker:
             self._client = MlflowClient(self.uri)
         if self.run_id is not None and self._started.is_set():
             return
+        from mlflow.exceptions import MlflowException
+
         client = self._client
-        if self.run_id is not None:  # resuming: the run must exist; mark it running again
-            client.update_run(self.run_id, status="RUNNING")
-        else:
+        if self.run_id is not None:  # resuming: mark the run running again
+            try:
+                client.update_run(self.run_id, status="RUNNING")
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s is not in %s (another store?): starting a new run", self.run_id, self.uri)
+                self.run_id = None
+        if self.run_id is None:
             experiment = client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
             self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id

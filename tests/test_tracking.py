@@ -57,3 +57,13 @@ def test_disabled_tracker_does_nothing():
     tracker.log_metrics({"loss": 1.0}, step=1)
     tracker.close()
     assert tracker.run_id is None and tracker.undelivered == 0
+
+
+def test_resuming_a_run_the_store_does_not_know_starts_a_new_one(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri=uri, experiment="exp", run_name="r", tags={}, run_id="0123456789abcdef0123456789abcdef")
+    run_id = tracker.wait_started(timeout=60)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.close()
+    assert run_id and run_id != "0123456789abcdef0123456789abcdef"
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
