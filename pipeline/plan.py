@@ -4,6 +4,7 @@ assumption is a field of :class:`Assumptions`, printed with its value, and overr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from pipeline.config import Config
@@ -67,6 +68,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     return {
         "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
         "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
+        "backbone_params": param_count(dataclasses.replace(shape, num_classes=0, pre_logits=None)),
         "train_gflops_per_image": flops / 1e9,
         "memory": {f"zero{s}{'+ckpt' if c else ''}": v for (s, c), v in memory.items()},
         "recommended": {"zero_stage": stage, "activation_checkpointing": ckpt, "micro_batch_size": micro,
@@ -112,7 +114,8 @@ def format_plan(result: dict) -> str:
     r, a = result, result["assumptions"]
     lines = [f"ViT {r['variant']} at {r['image_size']} px on {r['nodes']} node(s) x {r['gpus'] // r['nodes']} "
              f"{a['gpu'].upper()} = {r['gpus']} GPUs",
-             f"  parameters                 {r['params']:,}",
+             f"  parameters                 {r['params']:,}  (backbone without head and pre-logits: "
+             f"{r['backbone_params']:,})",
              f"  forward GMAC per image     {r['forward_gmacs_per_image']:.1f}",
              f"  training GFLOP per image   {r['train_gflops_per_image']:.1f}  (3 x forward; recompute not counted)",
              "", f"  {'memory per GPU':<16} {'model states':>12} {'act./image':>11} {'max micro-batch':>16}"]
