@@ -17,6 +17,7 @@ for ((i = 1; i <= $#; i++)); do
 done
 export VIT_PIPELINE_ID=${VIT_PIPELINE_ID:-pipeline-$(date +%Y%m%d-%H%M%S)}
 here=$(cd "$(dirname "$0")" && pwd)
+mkdir -p logs  # sbatch opens logs/%x-%j.out before a job starts
 # shellcheck disable=SC2086
 first=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} "$here/pretrain.sh" "$pretrain" "${overrides[@]}")
 second=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} --dependency=afterok:$first "$here/finetune.sh" "$finetune" "${overrides[@]}")
