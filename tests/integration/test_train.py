@@ -84,7 +84,7 @@ def _shards_of(runs) -> Path:
 
 
 def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
-    work = copy_checkpoint(runs["straight"], 8, tmp_path / "other")
+    copy_checkpoint(runs["straight"], 8, tmp_path / "other")
     result = run_deepspeed("launch/train.py", 1, *train_args(_shards_of(runs), tmp_path, "other",
                            "model.variant=mu/2"), check=False)
     assert result.returncode != 0
