@@ -17,9 +17,9 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, eval_batches, normalize, resolve_shards
 from pipeline.model import vit_from_config
-from pipeline.model.weights import HEAD_KEYS, adapt_state_dict
+from pipeline.model.weights import HEAD_KEYS
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
-from pipeline.train.consolidate import consolidated_state_dict, load_weights
+from pipeline.train.consolidate import adapt_to_config, consolidated_state_dict, load_weights
 from pipeline.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -84,9 +84,7 @@ def load_eval_model(config: Config, source: str, ds_config: dict):
     if HEAD_KEYS[0] in state and model.num_classes and state[HEAD_KEYS[0]].shape[0] != model.num_classes:
         raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
                          f"model.num_classes is {model.num_classes}")
-    with torch.device("meta"):  # true shapes (ZeRO-3 parameters are partitioned), no memory
-        reference = vit_from_config(config.model)
-    state = adapt_state_dict(state, reference, source=source)
+    state = adapt_to_config(state, config.model, source=source)
     if model.num_classes and HEAD_KEYS[0] not in state:
         raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
                          f"model.num_classes as the checkpoint was trained")

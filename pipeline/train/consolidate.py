@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.weights import load_safetensors
+from pipeline.model import vit_from_config
+from pipeline.model.weights import adapt_state_dict, load_safetensors
 from pipeline.train.checkpoint import COMPLETE, resolve_resume
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,15 @@ def consolidated_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no DeepSpeed model states in checkpoint '{source}'")
     log.info("consolidated weights from %s (%d tensors)", source, len(state))
     return {k.removeprefix("module."): v.float() for k, v in state.items()}
+
+
+def adapt_to_config(state: dict[str, torch.Tensor], model_config, *, reset_head: bool = False,
+                    source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """``adapt_state_dict`` against the model ``model_config`` describes, built on the meta
+    device: true shapes (ZeRO-3 parameters are partitioned), no memory."""
+    with torch.device("meta"):
+        reference = vit_from_config(model_config)
+    return adapt_state_dict(state, reference, reset_head=reset_head, source=source)
 
 
 def load_weights(model, state: dict[str, torch.Tensor], *, zero3: bool) -> None:

@@ -20,11 +20,10 @@ from pipeline.config import Config
 from pipeline.data import TrainLoader, TrainStream, TrainTransform, batch_mixer, normalize, resolve_shards
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer, vit_from_config
-from pipeline.model.weights import adapt_state_dict
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
-from pipeline.train.consolidate import consolidated_state_dict, load_weights
+from pipeline.train.consolidate import adapt_to_config, consolidated_state_dict, load_weights
 from pipeline.train.distributed import DistEnv
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
@@ -135,10 +134,8 @@ class Trainer:
             with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
                 model.init_module_weights(name, module)
         if pretrained:
-            with torch.device("meta"):  # true shapes (ZeRO-3 parameters are partitioned), no memory
-                reference = vit_from_config(config.model)
-            state = adapt_state_dict(consolidated_state_dict(pretrained), reference,
-                                     reset_head=config.finetune.reset_head, source=pretrained)
+            state = adapt_to_config(consolidated_state_dict(pretrained), config.model,
+                                    reset_head=config.finetune.reset_head, source=pretrained)
             load_weights(model, state, zero3=zero3)
         if config.finetune.freeze_backbone:
             model.freeze_backbone()
