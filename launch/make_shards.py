@@ -3,7 +3,7 @@
 
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512
-    python launch/make_shards.py --check data/digits --world-size 16 --workers 8
+    python launch/make_shards.py --check data/digits --world-size 16 --workers 8 --num-classes 10
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data.preflight import preflight  # noqa: E402
+from pipeline.data.shards import shard_advice  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
-from pipeline.data.writer import write_shards  # noqa: E402
+from pipeline.data.writer import DEFAULT_MAX_COUNT, write_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,17 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder: DIR/{split}-NNNNNN.tar and DIR/{split}.json")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out as the val split (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
-    parser.add_argument("--max-count", type=int, default=10_000, help="samples per shard at most (default 10000)")
+    parser.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT,
+                        help=f"samples per shard at most (default {DEFAULT_MAX_COUNT})")
     parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
     parser.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this (JPEG q=90)")
-    parser.add_argument("--world-size", type=int, default=1, help="--check: ranks that will read the shards")
-    parser.add_argument("--workers", type=int, default=1, help="--check: DataLoader workers per rank")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks that will read the shards: the shard count "
+                        "that suits them is printed")
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (data.num_workers)")
+    parser.add_argument("--num-classes", type=int, help="--check: report labels outside [0, K) (model.num_classes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.check:
-        ok, report = preflight(args.check, args.world_size, args.workers, progress=not args.quiet)
+        ok, report = preflight(args.check, args.world_size, args.workers, progress=not args.quiet,
+                               num_classes=args.num_classes)
         print(report)
         return 0 if ok else 1
     if not args.out:
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         skipped = f", {len(manifest['skipped'])} unreadable inputs skipped" if manifest["skipped"] else ""
         print(f"{split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards -> "
               f"{Path(args.out) / (split + '.json')}{skipped}")
+        print("  " + shard_advice(manifest["num_samples"], len(manifest["shards"]), args.world_size, args.workers))
     return 0
 
 

@@ -5,9 +5,10 @@
     deepspeed --hostfile hosts launch/train.py --config vit_l16.yaml optim.lr=5e-4 deepspeed.zero_stage=3
     srun python launch/train.py --config vit_h14.yaml          # SLURM: ranks from srun
     deepspeed --num_gpus 2 launch/train.py --config configs/demo/pretrain.yaml   # CPU demo
+    python launch/train.py --config vit_h14.yaml --dry-run --nodes 4 --gpus-per-node 8   # before the queue
 
 Overrides are dotted keys after the config. Exit status: 0 done, 75 saved after SIGUSR1/SIGTERM
-(requeue me), 2 bad config, 1 failure.
+(requeue me), 2 bad config, 1 failure (--dry-run: 1 lists every problem found).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from pipeline.cli import stage_parser, start_stage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    env, config = start_stage(stage_parser(__doc__).parse_args(argv), check_world_size=True)
+    args = stage_parser(__doc__).parse_args(argv)
+    if args.dry_run:
+        from pipeline.dryrun import main as dry_run
+
+        return dry_run(args, stage="train")
+    env, config = start_stage(args, check_world_size=True)
     if config is None:
         return 2
 

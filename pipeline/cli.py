@@ -7,6 +7,7 @@ import logging
 import sys
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.plan import GPUS
 from pipeline.train import signals
 from pipeline.train.distributed import DistEnv, discover
 
@@ -17,6 +18,16 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 train.total_steps=100")
     # The deepspeed launcher passes --local_rank; torchrun and srun set the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    check = parser.add_argument_group("dry run (no GPU, no process group: run it on the login node)")
+    check.add_argument("--dry-run", action="store_true",
+                       help="check the config chain, manifests, shard files, batch split, memory fit and stage "
+                            "links at the cluster shape below; exit 0, or 1 listing every problem")
+    check.add_argument("--nodes", type=int, default=1, help="--dry-run: nodes of the job (default 1)")
+    check.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs (ranks) per node (default 8)")
+    check.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="--dry-run: GPU kind (default h100)")
+    check.add_argument("--after", action="append", default=[], metavar="CONFIG",
+                       help="--dry-run: config of an earlier stage of this pipeline, whose run directory this "
+                            "stage may start from before it exists (repeatable; inherited configs count already)")
     return parser
 
 

@@ -112,7 +112,7 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     global_batch_size: int = Field(4096, gt=0, description="Images per optimizer step across all ranks.")
-    micro_batch_size: int = Field(32, gt=0, description="Images per rank per forward pass.")
+    micro_batch_size: int = Field(32, gt=0, description="Images per rank per forward pass, at most: lowered to a divisor of the per-rank batch where that is smaller or not a multiple.")
     total_steps: int | None = Field(None, gt=0, description="Optimizer steps; or give total_samples or epochs.")
     total_samples: int | None = Field(None, gt=0, description="Images to train on; sets total_steps.")
     epochs: float | None = Field(None, gt=0.0, description="Passes over data.samples_per_epoch; sets total_steps.")
@@ -126,11 +126,6 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        if self.global_batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={self.micro_batch_size}"
-            )
         given = [k for k in ("total_steps", "total_samples", "epochs") if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"give one of train.total_steps, train.total_samples, train.epochs, not {given}")
@@ -151,6 +146,17 @@ class DeepSpeedConfig(Section):
     allgather_bucket_size: int = Field(500_000_000, gt=0, description="ZeRO-1/2: elements per parameter all-gather bucket.")
     stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO-3: elements prefetched ahead of use.")
     stage3_param_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters smaller than this stay whole.")
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Dtype gradients accumulate in across micro-batches; auto: fp32 at ZeRO 1-3, bf16 at stage 0 (DeepSpeed's only choice there).")
+    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Dtype of the gradient reduction between ranks (DeepSpeed's communication_data_type).")
+
+    @property
+    def accumulation_dtype(self) -> str:
+        """The gradient-accumulation dtype in effect ('fp32' or 'bf16')."""
+        if self.precision == "fp32":
+            return "fp32"
+        if self.grad_accum_dtype == "auto":
+            return "bf16" if self.zero_stage == 0 else "fp32"
+        return self.grad_accum_dtype
 
     @model_validator(mode="after")
     def _check(self) -> "DeepSpeedConfig":
@@ -160,6 +166,9 @@ class DeepSpeedConfig(Section):
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
             raise ValueError("nvme offload needs deepspeed.nvme_path")
+        if self.zero_stage == 0 and self.precision == "bf16" and self.grad_accum_dtype == "fp32":
+            raise ValueError("deepspeed.grad_accum_dtype='fp32' needs deepspeed.zero_stage >= 1 with bf16: DeepSpeed "
+                             "accumulates in bf16 at stage 0 (set deepspeed.zero_stage=1, or grad_accum_dtype to auto)")
         return self
 
 
@@ -194,16 +203,22 @@ class Config(Section):
 
     def check_world_size(self, world_size: int) -> None:
         """Refuse a batch that does not split evenly over ``world_size`` ranks."""
-        per_step = self.train.micro_batch_size * world_size
-        if self.train.global_batch_size % per_step:
+        if self.train.global_batch_size % world_size:
+            lower = max(world_size, self.train.global_batch_size // world_size * world_size)
             raise ConfigError(
-                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
-                f"train.micro_batch_size x world size = {self.train.micro_batch_size} x {world_size} = {per_step}"
-            )
+                f"train.global_batch_size={self.train.global_batch_size} does not split over {world_size} ranks: "
+                f"set it to a multiple of {world_size}, e.g. train.global_batch_size={lower}")
+
+    def micro_batch(self, world_size: int) -> int:
+        """Images per rank per forward pass at ``world_size`` ranks: ``train.micro_batch_size``, or
+        the largest divisor of the per-rank batch below it, so one config (whose micro-batch is
+        a memory bound) serves any cluster its global batch splits over."""
+        self.check_world_size(world_size)
+        per_rank = self.train.global_batch_size // world_size
+        return max(d for d in range(1, min(self.train.micro_batch_size, per_rank) + 1) if per_rank % d == 0)
 
     def grad_accumulation_steps(self, world_size: int) -> int:
-        self.check_world_size(world_size)
-        return self.train.global_batch_size // (self.train.micro_batch_size * world_size)
+        return self.train.global_batch_size // (self.micro_batch(world_size) * world_size)
 
     def total_steps(self, samples_per_epoch: int | None = None) -> int | None:
         """Optimizer steps: ``train.total_steps``, or from ``total_samples``, or from ``epochs`` x
@@ -260,6 +275,19 @@ def resolve_path(name: str | Path) -> Path:
         if path.is_file():
             return path.resolve()
     raise ConfigError(f"config '{name}' not found (looked for it as a path and under {CONFIG_DIR})")
+
+
+def inherit_chain(name: str | Path) -> list[Path]:
+    """The files a config inherits from, nearest first (``a.yaml`` inheriting ``b.yaml``
+    inheriting ``c.yaml`` -> [b, c])."""
+    chain, path = [], resolve_path(name)
+    while True:
+        tree = yaml.load(path.read_text(), Loader=_Loader) or {}
+        parent = tree.get("inherit") if isinstance(tree, dict) else None
+        if not parent or len(chain) > 32:
+            return chain
+        path = (path.parent / parent).resolve()
+        chain.append(path)
 
 
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:

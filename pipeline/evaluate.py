@@ -1,5 +1,10 @@
 """Evaluation: top-1, top-5, loss, per-class accuracy, confusion matrix and calibration error
-over every evaluation sample exactly once, on any number of ranks, at any resolution."""
+over every evaluation sample exactly once, on any number of ranks, at any resolution.
+
+At ZeRO stages 0-2 the model is a plain bf16 (or fp32) module on each device: inference needs
+neither an optimizer nor DeepSpeed's engine. At ZeRO-3 it stays partitioned under DeepSpeed, and
+every rank runs every (padded) batch, since each forward gathers parameters collectively.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +21,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, eval_batches, normalize, resolve_shards
-from pipeline.model import vit_from_config
-from pipeline.model.weights import HEAD_KEYS
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
-from pipeline.train.consolidate import adapt_to_config, consolidated_state_dict, load_weights
+from pipeline.train import signals
+from pipeline.train.consolidate import build_model
 from pipeline.train.distributed import DistEnv
 
 log = logging.getLogger(__name__)
@@ -74,51 +78,62 @@ class Tally:
         }
 
 
-def load_eval_model(config: Config, source: str, ds_config: dict):
-    """The model at ``config.model.image_size`` with the weights of ``source`` (pos_embed
-    resampled when the resolution differs); the classes must match."""
-    zero3 = config.deepspeed.zero_stage == 3
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero3):
-        model = vit_from_config(config.model)
-    state = consolidated_state_dict(source)
-    if HEAD_KEYS[0] in state and model.num_classes and state[HEAD_KEYS[0]].shape[0] != model.num_classes:
-        raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
-                         f"model.num_classes is {model.num_classes}")
-    state = adapt_to_config(state, config.model, source=source)
-    if model.num_classes and HEAD_KEYS[0] not in state:
-        raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
-                         f"model.num_classes as the checkpoint was trained")
-    load_weights(model, state, zero3=zero3)
-    return model.eval()
+class Preempted(RuntimeError):
+    """Every rank stopped the evaluation on a preemption signal; the job should be requeued."""
+
+
+def eval_model(config: Config, source: str, env: DistEnv, device: torch.device) -> torch.nn.Module:
+    """The model at ``config.model.image_size`` with the weights of ``source`` (read on rank 0;
+    pos_embed resampled when the resolution differs; the classes must match), in eval mode and
+    the configured precision: a plain module on the device at ZeRO 0-2, a partitioned DeepSpeed
+    engine at ZeRO-3."""
+    c, batch_size = config, config.eval.micro_batch_size
+    dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
+    if c.deepspeed.zero_stage < 3:
+        model = build_model(c.model, device=device, pretrained=source, same_head=True)
+        return model.to(dtype).eval()
+    ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                 "train_batch_size": batch_size * env.world_size, "bf16": {"enabled": dtype == torch.bfloat16},
+                 "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}
+    model = build_model(c.model, device=device, ds_config=ds_config, zero3=True, pretrained=source, same_head=True)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()  # returns None, unlike Module.eval
+    return engine
 
 
 def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dict:
     """Evaluate on ``data.eval_shards``; rank 0 writes ``report.json`` (and a confusion-matrix
-    PNG) to the run directory and an MLflow run tagged ``stage=evaluate``. Returns the report."""
+    PNG) to the run directory and an MLflow run tagged ``stage=evaluate``. Returns the report.
+    Raises :class:`Preempted` on every rank once any rank has received SIGUSR1/SIGTERM."""
     source = checkpoint or config.eval.checkpoint
     if not source:
         raise ValueError("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
-    c, batch_size = config, config.eval.micro_batch_size
-    ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
-                 "train_batch_size": batch_size * env.world_size, "bf16": {"enabled": c.deepspeed.precision == "bf16"},
-                 "zero_optimization": {"stage": c.deepspeed.zero_stage}, "steps_per_print": 2**31 - 1}
-    engine, *_ = deepspeed.initialize(model=load_eval_model(config, source, ds_config), config=ds_config)
-    engine.eval()
-    device = engine.device
+    c, zero3 = config, config.deepspeed.zero_stage == 3
+    device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
+    model = eval_model(config, str(source), env, device)
     dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
     shards = resolve_shards(c.data.eval_shards)
-    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=batch_size,
+    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
                         rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
-                        image_size=c.model.image_size)
+                        image_size=c.model.image_size, num_classes=c.model.num_classes)
     tally = Tally(c.model.num_classes, device)
+    stop = torch.zeros(1, device=device)
     start = time.perf_counter()
     with torch.no_grad():
         for batch in tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not env.is_main,
                           desc="evaluate", unit="batch"):
-            images = normalize(batch["images"].to(device), c.data.mean, c.data.std).to(dtype)
-            logits = engine(images)  # every rank runs every batch: ZeRO-3 forwards are collective
-            tally.add(logits, batch["labels"].to(device), batch["mask"].to(device))
+            # Ranks agree on a signal at each batch, so all leave at the same one (ZeRO-3
+            # forwards are collective); the flag's all-reduce is tiny next to a forward.
+            stop.fill_(float(signals.received() is not None))
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            if stop.item():
+                raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")
+            mask = batch["mask"].to(device)
             tally.skipped += batch["skipped"].to(device)
+            if not zero3 and not batch["mask"].any():
+                continue  # a padding batch: only ZeRO-3 needs every rank's forward
+            images = normalize(batch["images"].to(device), c.data.mean, c.data.std).to(dtype)
+            tally.add(model(images), batch["labels"].to(device), mask)
     elapsed = time.perf_counter() - start
     tally.all_reduce()
     report = tally.report(shards.classes)

@@ -136,6 +136,21 @@ def activation_bytes_per_image(shape: VitShape, *, checkpointing: bool, flash: b
     return embeddings + shape.depth * layer
 
 
+def inference_bytes_per_image(shape: VitShape) -> int:
+    """Activations alive at once in a forward pass without autograd, per image, in bf16: the
+    input, the token stream, and one layer's working set (nothing is kept for a backward)."""
+    s, h = shape.num_tokens, shape.width
+    return 2 * shape.in_chans * shape.image_size**2 + 4 * s * h + 34 * s * h
+
+
+def inference_weight_bytes(shape: VitShape, zero_stage: int, num_gpus: int) -> int:
+    """bf16 weights per GPU for inference: whole at stages 0-2; at ZeRO-3 a partition plus the
+    largest layer, gathered while it runs."""
+    if zero_stage == 3:
+        return PARAM_16 * (param_count(shape) // num_gpus + largest_layer_params(shape))
+    return PARAM_16 * param_count(shape)
+
+
 def max_micro_batch(shape: VitShape, zero_stage: int, num_gpus: int, gpu_bytes: float, *, checkpointing: bool,
                     flash: bool = True, reserved_bytes: float = 0.0) -> int:
     """The largest micro-batch whose model states and activations fit ``gpu_bytes - reserved``."""

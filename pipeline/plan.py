@@ -24,6 +24,7 @@ class Assumptions:
     gpu: str = "h100"
     hfu: float = 0.45  # hardware FLOP utilisation the step runs at (recompute counts as work)
     reserved_gb: float = 6.0  # CUDA context, NCCL buffers, allocator slack
+    margin: float = 0.1  # share of GPU memory kept free on top: fragmentation, error of the estimate
     intra_node_gbps: float = 3600.0  # NVLink per GPU, Gbit/s (H100 SXM: 450 GB/s)
     inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
     comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
@@ -35,7 +36,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     shape = VitShape.from_config(config.model)
     gpus = nodes * gpus_per_node
     memory_gb, peak_tflops = GPUS[assume.gpu]
-    gpu_bytes, reserved = memory_gb * GB, assume.reserved_gb * GB
+    gpu_bytes = usable_bytes(assume)
     per_gpu_batch = config.train.global_batch_size // gpus
 
     memory = {}
@@ -47,7 +48,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
                 "activations_gb_per_image": activation_bytes_per_image(shape, checkpointing=ckpt,
                                                                        flash=assume.flash_attention) / GB,
                 "max_micro_batch": max_micro_batch(shape, stage, gpus, gpu_bytes, checkpointing=ckpt,
-                                                   flash=assume.flash_attention, reserved_bytes=reserved),
+                                                   flash=assume.flash_attention),
             }
     stage, ckpt, micro = recommend(memory, per_gpu_batch)
     recompute = ckpt
@@ -84,12 +85,18 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     }
 
 
+def usable_bytes(assume: Assumptions) -> float:
+    """GPU memory a job may plan to fill: the device's, less the reserve and the margin."""
+    return GPUS[assume.gpu][0] * GB * (1 - assume.margin) - assume.reserved_gb * GB
+
+
 def recommend(memory: dict, per_gpu_batch: int) -> tuple[int, bool, int]:
-    """The lowest ZeRO stage, without checkpointing if possible, whose largest fitting micro-batch
-    is at least 16 (or the whole per-GPU batch); the micro-batch is the largest power of two that
-    fits and divides the per-GPU batch."""
+    """The lowest ZeRO stage from 1, without checkpointing if possible, whose largest fitting
+    micro-batch is at least 16 (or the whole per-GPU batch); the micro-batch is the largest power
+    of two that fits and divides the per-GPU batch. Stage 0 is never chosen: ZeRO-1 moves the same
+    bytes, holds less, and accumulates gradients in fp32 (DeepSpeed's BF16 optimizer)."""
     wanted = min(16, per_gpu_batch)
-    options = [(s, c) for c in (False, True) for s in range(4)]
+    options = [(s, c) for c in (False, True) for s in range(1, 4)]
     stage, ckpt = next(((s, c) for s, c in options if memory[(s, c)]["max_micro_batch"] >= wanted),
                        max(options, key=lambda k: memory[k]["max_micro_batch"]))
     fits = min(memory[(stage, ckpt)]["max_micro_batch"], per_gpu_batch)

@@ -25,7 +25,7 @@ def test_bare_name_lookup_and_inheritance():
     assert h14.model.variant == "H/14"
     assert h14.optim.lr == pytest.approx(3e-4)  # set by vit_h14.yaml
     assert h14.train.global_batch_size == 4096  # inherited from vit_l16.yaml
-    assert h14.deepspeed.activation_checkpointing is True
+    assert h14.deepspeed.zero_stage == 1 and h14.data.num_workers == 12  # set by vit_h14.yaml; inherited
     assert load_config("demo/pretrain").model.variant == "pico/2"  # .yaml may be left off
 
 
@@ -102,13 +102,15 @@ def test_finetune_stage_needs_init_from():
     assert load_config("vit_l16", ["run.stage=finetune", "finetune.init_from=ckpt/"]).run.stage == "finetune"
 
 
-def test_batch_divisibility_by_micro_batch_and_world_size():
-    with pytest.raises(ConfigError, match=r"global_batch_size=100 is not divisible by train.micro_batch_size=64"):
-        load_config("vit_l16", ["train.global_batch_size=100"])
-    with pytest.raises(ConfigError, match=r"64 x 3 = 192"):
+def test_batch_split_over_ranks_and_the_micro_batch_as_a_bound():
+    with pytest.raises(ConfigError, match=r"does not split over 3 ranks.*train.global_batch_size=4095"):
         load_config("vit_l16", world_size=3)
-    config = load_config("vit_l16", world_size=16)
-    assert config.grad_accumulation_steps(16) == 4
+    config = load_config("vit_l16", ["train.micro_batch_size=64"], world_size=16)
+    assert config.micro_batch(16) == 64 and config.grad_accumulation_steps(16) == 4
+    # A per-rank batch below the micro-batch, or not a multiple of it: the largest divisor below.
+    assert config.micro_batch(128) == 32 and config.grad_accumulation_steps(128) == 1
+    config = load_config("vit_l16", ["train.global_batch_size=480", "train.micro_batch_size=64"])
+    assert config.micro_batch(8) == 60 and config.grad_accumulation_steps(8) == 1
 
 
 def test_only_one_training_length():

@@ -10,7 +10,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.shards import resolve_shards
+from pipeline.data.shards import resolve_shards, shard_advice
 from pipeline.data.stream import decode_sample
 from pipeline.data.transforms import decode_rgb
 
@@ -29,7 +29,7 @@ class SplitReport:
         return not self.unreadable and self.samples == self.expected
 
 
-def check_split(manifest_path: Path, progress: bool = True) -> SplitReport:
+def check_split(manifest_path: Path, progress: bool = True, num_classes: int | None = None) -> SplitReport:
     shards = resolve_shards(str(manifest_path))
     report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0)
     for url in tqdm(shards.urls, desc=f"check {report.split}", unit="shard", disable=not progress):
@@ -39,7 +39,7 @@ def check_split(manifest_path: Path, progress: bool = True) -> SplitReport:
                 key = sample.get("__key__")
                 report.samples += 1
                 try:
-                    _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None)
+                    _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None, num_classes)
                     report.histogram[label] += 1
                 except Exception as e:  # noqa: BLE001 - every failure is reported
                     report.unreadable.append((url, key, str(e)))
@@ -48,29 +48,25 @@ def check_split(manifest_path: Path, progress: bool = True) -> SplitReport:
     return report
 
 
-def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, progress: bool = True) -> tuple[bool, str]:
-    """Check every ``{split}.json`` in ``directory``; returns (ok, a readable report)."""
+def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, progress: bool = True,
+              num_classes: int | None = None) -> tuple[bool, str]:
+    """Check every ``{split}.json`` in ``directory``; with ``num_classes``, a label outside
+    ``[0, num_classes)`` is a bad sample. Returns (ok, a readable report)."""
     directory = Path(directory)
     manifests = sorted(directory.glob("*.json"))
     if not manifests:
         return False, f"no shard manifests (*.json) in '{directory}'"
     lines, ok = [], True
     for path in manifests:
-        report = check_split(path, progress)
+        report = check_split(path, progress, num_classes)
         classes = json.loads(path.read_text()).get("classes", [])
-        needed = world_size * max(workers, 1)
-        enough = report.shards >= needed
-        ok &= report.ok and (enough or report.split != "train")
+        ok &= report.ok
         lines.append(f"{report.split}: {report.samples:,} samples in {report.shards} shards "
                      f"(manifest: {report.expected:,}){'' if report.samples == report.expected else '  MISMATCH'}")
         counts = ", ".join(f"{classes[c] if c < len(classes) else c}: {n}" for c, n in sorted(report.histogram.items()))
         lines.append(f"  classes ({len(report.histogram)}): {counts}")
-        if report.split == "train":
-            lines.append(f"  shards for {world_size} ranks x {workers} workers = {needed} streams: "
-                         + ("enough" if enough else f"TOO FEW ({report.shards}); streams would read the same shards"))
-        else:
-            lines.append("  evaluation splits by sample, so any shard count serves any ranks x workers")
-        lines.append(f"  unreadable: {len(report.unreadable)}")
+        lines.append("  " + shard_advice(report.expected, report.shards, world_size, workers))
+        lines.append(f"  unreadable{' or out of range' if num_classes else ''}: {len(report.unreadable)}")
         lines += [f"    {shard} key={key}: {error}" for shard, key, error in report.unreadable[:50]]
     lines.append("preflight: OK" if ok else "preflight: FAILED")
     return ok, "\n".join(lines)

@@ -6,12 +6,17 @@ or a ``pipe:`` command for object stores (``pipe:aws s3 cp s3://b/train-000000.t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import braceexpand
+import webdataset as wds
 
 
 @dataclass
@@ -28,6 +33,11 @@ class ShardSet:
 
 def _is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
+
+
+def is_seekable(url: str) -> bool:
+    """Whether a shard can be opened at a sample without reading what comes before it."""
+    return _is_local(url)
 
 
 def _relative_to(base: Path, url: str) -> str:
@@ -52,11 +62,86 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
     if not shards.urls:
         raise ValueError(f"no shards in '{spec}'")
     if check_exists:
-        local = [u for u in shards.urls if _is_local(u)]
-        missing = [u for u in local if not os.path.isfile(u)]
-        if missing and len(missing) == len(local) and len(local) > 1:
-            raise FileNotFoundError(f"no shard matches '{spec}' (first expected: {missing[0]})")
-        if missing:
-            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"missing shard '{missing[0]}'{more} (from '{spec}')")
+        check_exist(shards)
     return shards
+
+
+def suggest_shards(num_samples: int, streams: int, max_count: int = 10_000) -> tuple[int, int]:
+    """(shards, samples per shard) that suit ``streams`` readers (ranks x workers): a multiple of
+    the stream count, so evaluation gives every stream whole shards and training streams rarely
+    read the same shard at once, with at most ``max_count`` samples per shard."""
+    shards = streams * max(1, -(-num_samples // (streams * max_count)))
+    return shards, max(1, -(-num_samples // shards))
+
+
+def shard_advice(num_samples: int, num_shards: int, world_size: int, workers: int) -> str:
+    """One line on how ``num_shards`` suit ``world_size`` ranks x ``workers`` workers."""
+    streams = world_size * max(workers, 1)
+    shards, per_shard = suggest_shards(num_samples, streams)
+    verdict = "suits it" if num_shards >= streams and num_shards % streams == 0 else (
+        "works (resampled training and exact evaluation take any count)")
+    return (f"{num_shards} shards for {world_size} ranks x {max(workers, 1)} workers = {streams} streams: {verdict}; "
+            f"a count that suits them: {shards} shards (make_shards.py --max-count {per_shard})")
+
+
+def check_exist(shards: ShardSet) -> None:
+    """Raise FileNotFoundError naming a missing local shard (files are not opened)."""
+    local = [u for u in shards.urls if _is_local(u)]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing and len(missing) == len(local) and len(local) > 1:
+        raise FileNotFoundError(f"no shard matches '{shards.spec}' (first expected: {missing[0]})")
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"missing shard '{missing[0]}'{more} (from '{shards.spec}')")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tar headers: samples found without reading their payloads
+
+
+def sample_offsets(path: str) -> Iterator[int]:
+    """The byte offset of each sample's first tar header in a local shard, found by walking the
+    headers alone: tarfile's random-access mode seeks past every payload, so no image byte is
+    read. Samples are grouped as webdataset groups them: consecutive regular files sharing a
+    key, metadata entries (``__name__``) left out."""
+    previous = None
+    with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+        while (member := tar.next()) is not None:
+            name = member.name
+            if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
+                continue
+            key, _ = wds.tariterators.base_plus_ext(name)
+            if key is not None and key != previous:
+                previous = key
+                yield member.offset
+            tar.members = []  # keep no list of headers (a shard may hold 100,000 members)
+
+
+def open_at_sample(path: str, skip: int) -> BinaryIO:
+    """A local shard opened at its ``skip``-th sample (0-based), found from the headers alone;
+    at the end of the file if it has no such sample."""
+    stream = open(path, "rb")
+    offset = next((o for i, o in enumerate(sample_offsets(path)) if i == skip), None) if skip else 0
+    stream.seek(offset if offset is not None else 0, os.SEEK_SET if offset is not None else os.SEEK_END)
+    return stream
+
+
+def shard_samples(url: str, skip: int = 0, handler=wds.reraise_exception) -> Iterator[dict]:
+    """The samples of one shard from its ``skip``-th on. A local shard is opened there from its
+    tar headers, so the samples before it are never read; any other is read from its start."""
+    if not skip:
+        yield from wds.tarfile_samples([{"url": url}], handler=handler)
+        return
+    if not is_seekable(url):
+        yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), skip, None)
+        return
+    with open_at_sample(url, skip) as stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+        yield from wds.tariterators.group_by_keys(files, handler=handler)
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard: from its tar headers when it is local, else by reading it."""
+    if is_seekable(url):
+        return sum(1 for _ in sample_offsets(url))
+    return sum(1 for _ in wds.tarfile_samples([{"url": url}]))

@@ -7,10 +7,13 @@ the uninterrupted run would have yielded (same world size and worker count).
 
 Evaluation: every sample exactly once across ranks and workers, by global sample index; every
 rank yields the same number of batches (padded and masked), so collective forwards never hang.
+Streams get whole shards when there are at least as many shards as streams; otherwise a stream
+opens a shard at its first sample from the tar headers, so no shard's bytes are read twice.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -23,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardSet
+from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_samples
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -35,14 +38,19 @@ def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0]) >> 1
 
 
-def decode_sample(sample: dict, transform: Callable, rng: random.Random | None) -> tuple[torch.Tensor, int]:
-    """A tar sample -> (uint8 image (3, S, S), label). Raises ValueError naming what is missing."""
+def decode_sample(sample: dict, transform: Callable, rng: random.Random | None,
+                  num_classes: int | None = None) -> tuple[torch.Tensor, int]:
+    """A tar sample -> (uint8 image (3, S, S), label). Raises ValueError naming what is missing
+    or wrong, a label outside ``[0, num_classes)`` included (on a GPU it would be a device-side
+    assert in the loss)."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise ValueError(f"no image (.{', .'.join(IMAGE_KEYS)}) in {sorted(k for k in sample if not k.startswith('__'))}")
     if "cls" not in sample:
         raise ValueError("no label (.cls)")
     label = int(sample["cls"].decode("ascii").strip())
+    if num_classes and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside [0, {num_classes}) (model.num_classes)")
     return transform(sample[image_key], rng), label
 
 
@@ -97,6 +105,7 @@ class TrainStream(IterableDataset):
         num_workers: int = 0,
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 5000,
+        num_classes: int | None = None,
     ):
         samples_per_epoch = samples_per_epoch or shards.num_samples
         if not samples_per_epoch:
@@ -107,6 +116,7 @@ class TrainStream(IterableDataset):
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = num_workers
+        self.num_classes = num_classes
         self.samples_per_epoch = samples_per_epoch
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
         self.samples_per_worker_epoch = max(1, samples_per_epoch // (world_size * max(num_workers, 1)))
@@ -140,7 +150,7 @@ class TrainStream(IterableDataset):
                 errors.consecutive = 0
                 rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, index))
                 try:
-                    image, label = decode_sample(sample, self.transform, rng)
+                    image, label = decode_sample(sample, self.transform, rng, self.num_classes)
                 except Exception as e:  # noqa: BLE001 - a bad sample must not stop training
                     skipped += 1
                     log.warning("skipped unreadable sample (%s): %s", _where(sample), e)
@@ -229,15 +239,20 @@ class TrainLoader:
 # Evaluation
 
 
-def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of sizes differing by at most one."""
-    bounds = [total * i // parts for i in range(parts + 1)]
+def stream_ranges(counts: list[int], streams: int, whole_shards: bool) -> list[tuple[int, int]]:
+    """[lo, hi) global sample ranges, one per stream, covering ``sum(counts)`` samples in order.
+    An even split, whose bounds move to the nearest shard boundary with ``whole_shards``."""
+    total = sum(counts)
+    bounds = [total * i // streams for i in range(streams + 1)]
+    if whole_shards:
+        edges = list(itertools.accumulate(counts, initial=0))
+        snapped = []
+        for bound in bounds:
+            i = bisect.bisect_left(edges, bound)
+            below, above = edges[max(i - 1, 0)], edges[min(i, len(edges) - 1)]
+            snapped.append(below if bound - below <= above - bound else above)
+        bounds = snapped
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def count_samples(url: str) -> int:
-    """Samples in one shard, read without decoding."""
-    return sum(1 for _ in wds.tarfile_samples([{"url": url}]))
 
 
 class EvalStream(IterableDataset):
@@ -246,20 +261,23 @@ class EvalStream(IterableDataset):
     padding); an undecodable sample is masked and counted in ``skipped``."""
 
     def __init__(self, shards: ShardSet, transform: Callable, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, image_size: int):
+                 num_workers: int = 0, image_size: int, num_classes: int | None = None):
         self.urls = shards.urls
         self.counts = shards.counts if shards.counts is not None else [count_samples(u) for u in shards.urls]
         self.transform = transform
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
+        self.num_classes = num_classes
         self.image_size = image_size
         self.num_samples = sum(self.counts)
-        # Rank r holds global samples [lo, hi); its workers split that range again.
-        self.ranges = [
-            [(lo + a, lo + b) for a, b in split_evenly(hi - lo, max(num_workers, 1))]
-            for lo, hi in split_evenly(self.num_samples, world_size)
-        ]
+        # Stream (rank r, worker w) holds global samples [lo, hi). Whole shards where there are
+        # enough of them (or a shard cannot be opened mid-way); otherwise even sample ranges.
+        workers = max(num_workers, 1)
+        streams = world_size * workers
+        whole = len(self.urls) >= streams or not all(is_seekable(u) for u in self.urls)
+        ranges = stream_ranges(self.counts, streams, whole)
+        self.ranges = [ranges[r * workers:(r + 1) * workers] for r in range(world_size)]
         per_rank = [sum(math.ceil((b - a) / batch_size) for a, b in rank_ranges) for rank_ranges in self.ranges]
         self.batches_per_rank = max(per_rank)  # every rank runs this many forwards
 
@@ -270,13 +288,12 @@ class EvalStream(IterableDataset):
             start, end = end, end + count
             if end <= lo or start >= hi:
                 continue
-            index = start
+            index = max(lo, start)
             try:
-                for sample in wds.tarfile_samples([{"url": url}]):
+                for sample in shard_samples(url, skip=index - start):
                     if index >= min(end, hi):
                         break
-                    if index >= lo:
-                        yield index, sample
+                    yield index, sample
                     index += 1
             except Exception as e:  # noqa: BLE001 - a damaged shard loses its samples, not the run
                 log.warning("unreadable shard '%s' after %d samples: %r", url, index - start, e)
@@ -292,7 +309,7 @@ class EvalStream(IterableDataset):
             try:
                 if sample is None:
                     raise ValueError("lost in a damaged shard")
-                image, label = decode_sample(sample, self.transform, None)
+                image, label = decode_sample(sample, self.transform, None, self.num_classes)
                 ok = True
             except Exception as e:  # noqa: BLE001
                 log.warning("skipped unreadable sample (%s): %s", _where(sample or {}), e)

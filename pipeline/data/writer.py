@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK  # two zero blocks close a tar
 TAR_RECORD = 20 * TAR_BLOCK  # and the file is padded to whole records
+DEFAULT_MAX_COUNT = 10_000  # samples per shard (make_shards.py --max-count)
 
 
 def _tar_member_size(num_bytes: int) -> int:
@@ -62,7 +63,7 @@ def write_split(
     split: str,
     classes: list[str],
     *,
-    max_count: int = 10_000,
+    max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: float = 1e9,
     max_side: int | None = None,
     source: str = "",
@@ -123,7 +124,7 @@ def write_shards(
     *,
     val_fraction: float = 0.1,
     seed: int = 0,
-    max_count: int = 10_000,
+    max_count: int = DEFAULT_MAX_COUNT,
     max_bytes: float = 1e9,
     max_side: int | None = None,
     progress: bool = True,

@@ -24,7 +24,8 @@ HEAD_KEYS = ("head.weight", "head.bias")
 def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *, reset_head: bool = False,
                      source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Make ``state`` (ours or timm's) fit ``model``, as fine-tuning needs. Only the model's
-    structure is read, so a meta-device model serves.
+    structure is read, so a meta-device model serves. Values may be tensors or lazily read
+    entries with ``.shape`` and ``.contiguous()``.
 
     - ``pos_embed`` is resampled to the model's grid (bicubic, antialiased; class token kept);
     - a pre-logits layer the model lacks is dropped;
@@ -36,7 +37,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
     target = model.state_dict()
     notes = []
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
-        old = state["pos_embed"]
+        old = state["pos_embed"].contiguous()  # a lazily read entry is read here
         state["pos_embed"] = resample_pos_embed(old, model.grid_size, num_prefix_tokens=model.num_prefix_tokens)
         notes.append(f"pos_embed resampled {tuple(old.shape)} -> {tuple(state['pos_embed'].shape)}")
     if PRE_LOGITS_KEYS[0] in state and PRE_LOGITS_KEYS[0] not in target:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from pipeline.train.distributed import on_rank0
+
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
 TAG = re.compile(r"^step(\d{8})$")
@@ -57,6 +59,25 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
     if not found:
         raise FileNotFoundError(f"train.resume='{resume}': no complete checkpoint there (looked for {COMPLETE})")
     return found[-1]
+
+
+def agree_on_resume(resume: str, checkpoint_dir: Path, model_signature: dict, world_size: int) -> Path | None:
+    """The checkpoint every rank resumes (see :func:`resolve_resume`), decided by rank 0 alone and
+    told to the others, so no rank loads another step from a stale listing of a shared
+    filesystem. A checkpoint of another model is refused; one of another world size is
+    converted to a universal checkpoint, once, by rank 0."""
+
+    def decide() -> str | None:
+        found = resolve_resume(resume, checkpoint_dir)
+        if found is None:
+            return None
+        check_model(found, model_signature)
+        if read_marker(found)["world_size"] != world_size:
+            found = convert_to_universal(found)
+        return str(found)
+
+    decided = on_rank0(decide, share=True)
+    return Path(decided) if decided is not None else None
 
 
 def check_model(checkpoint: Path, model_signature: dict) -> None:

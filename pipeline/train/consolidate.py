@@ -1,15 +1,25 @@
-"""Full fp32 weights from a training checkpoint (any ZeRO stage, any world size) or a file."""
+"""Models with their weights: build the configured ViT on every rank, and fill it from a training
+checkpoint (any ZeRO stage, any world size) or a safetensors file.
+
+Rank 0 alone reads and adapts the source, one tensor at a time where the format allows, and the
+other ranks receive the weights over the process group: a job reads a checkpoint once, and no
+rank holds more than one full fp32 copy of the weights while loading.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 
-from pipeline.model import vit_from_config
-from pipeline.model.weights import adapt_state_dict, load_safetensors
+from pipeline.model import VisionTransformer, vit_from_config
+from pipeline.model.weights import HEAD_KEYS, adapt_state_dict, load_safetensors
 from pipeline.train.checkpoint import COMPLETE, resolve_resume
+from pipeline.train.distributed import on_rank0
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +35,48 @@ def checkpoint_dir(source: str | Path) -> Path:
     return resolve_resume(str(folder), folder)
 
 
-def consolidated_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
+class _SafetensorsEntry:
+    """One tensor of a safetensors file, read when ``contiguous()`` asks for it."""
+
+    def __init__(self, handle, key: str):
+        self.handle, self.key = handle, key
+        self.shape = torch.Size(handle.get_slice(key).get_shape())
+
+    def contiguous(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.key)
+
+
+def consolidated_state_dict(source: str | Path, *, lazy: bool = False) -> dict:
     """Weights from ``source``: a ``.safetensors`` file (ours or timm's), a checkpoint
     ``stepNNNNNNNN`` directory, a ``checkpoints`` directory or a run directory (the newest
-    complete checkpoint). ZeRO partitions are merged with DeepSpeed's ``zero_to_fp32``."""
+    complete checkpoint). ZeRO partitions are merged with DeepSpeed's ``zero_to_fp32``.
+
+    With ``lazy``, values have ``.shape`` and read their fp32 tensor on ``.contiguous()``, so a
+    caller that takes them one at a time never holds the whole model twice."""
     if Path(source).suffix == ".safetensors":
-        return load_safetensors(source)
+        if not lazy:
+            return load_safetensors(source)
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"weights file '{source}' not found")
+        handle = safe_open(str(source), framework="pt")
+        return {key: _SafetensorsEntry(handle, key) for key in handle.keys()}
     source = checkpoint_dir(source)
     model_states = source / "mp_rank_00_model_states.pt"
     if any(source.glob("*zero_pp_rank_*optim_states.pt")) or any(source.glob("zero_pp_rank_*model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name)
+        # Partitions are memory-mapped; lazy mode merges one ZeRO-3 tensor at a time.
+        state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name, lazy_mode=lazy)
     elif model_states.is_file():  # ZeRO stage 0: the module's weights are saved whole
-        state = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+        state = torch.load(model_states, map_location="cpu", weights_only=False, mmap=True)["module"]
     else:
         raise FileNotFoundError(f"no DeepSpeed model states in checkpoint '{source}'")
     log.info("consolidated weights from %s (%d tensors)", source, len(state))
-    return {k.removeprefix("module."): v.float() for k, v in state.items()}
+    return {k.removeprefix("module."): v if lazy else v.float() for k, v in state.items()}
 
 
-def adapt_to_config(state: dict[str, torch.Tensor], model_config, *, reset_head: bool = False,
-                    source: str = "checkpoint") -> dict[str, torch.Tensor]:
+def adapt_to_config(state: Mapping, model_config, *, reset_head: bool = False,
+                    source: str = "checkpoint") -> dict:
     """``adapt_state_dict`` against the model ``model_config`` describes, built on the meta
     device: true shapes (ZeRO-3 parameters are partitioned), no memory."""
     with torch.device("meta"):
@@ -54,20 +84,62 @@ def adapt_to_config(state: dict[str, torch.Tensor], model_config, *, reset_head:
     return adapt_state_dict(state, reference, reset_head=reset_head, source=source)
 
 
-def load_weights(model, state: dict[str, torch.Tensor], *, zero3: bool) -> None:
-    """Copy ``state`` into ``model``; keys it lacks keep the model's own (fresh) values. Under
-    ZeRO-3 each module's partitioned parameters are gathered, written on rank 0, and
-    re-partitioned, one module at a time."""
+def read_pretrained(source: str | Path, model_config, *, reset_head: bool = False, same_head: bool = False) -> dict:
+    """The weights of ``source`` adapted to ``model_config`` (lazily read). With ``same_head``
+    (evaluation) the checkpoint's head must fit the model's classes as it is."""
+    state = consolidated_state_dict(source, lazy=True)
+    if same_head:
+        classes = model_config.num_classes
+        if HEAD_KEYS[0] in state and classes and state[HEAD_KEYS[0]].shape[0] != classes:
+            raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
+                             f"model.num_classes is {classes}")
+    state = adapt_to_config(state, model_config, reset_head=reset_head, source=str(source))
+    if same_head and model_config.num_classes and HEAD_KEYS[0] not in state:
+        raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
+                         f"model.num_classes as the checkpoint was trained")
+    return state
+
+
+def load_weights(model: torch.nn.Module, state: Mapping | None, *, zero3: bool) -> None:
+    """Copy ``state`` into ``model`` on every rank. Only rank 0 passes ``state`` (None elsewhere);
+    keys it lacks keep the model's own (fresh, equally seeded) values. Entries are taken one at a
+    time and released once copied. ZeRO-3: each module's partitioned parameters are gathered,
+    written on rank 0 and re-partitioned from it; otherwise each tensor is broadcast from rank 0."""
     import deepspeed
 
+    state = dict(state) if state is not None else None
+    broadcast = not zero3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     with torch.no_grad():
         for name, module in model.named_modules():
-            params = dict(module.named_parameters(recurse=False))
             prefix = f"{name}." if name else ""
-            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0, enabled=zero3 and bool(params)):
-                for key, param in params.items():
-                    if prefix + key in state:
-                        param.copy_(state[prefix + key].to(param.dtype))
-            for key, buffer in module.named_buffers(recurse=False):
-                if prefix + key in state:
-                    buffer.copy_(state[prefix + key])
+            tensors = dict(module.named_parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=0,
+                                                   enabled=zero3 and bool(tensors)):
+                tensors.update(module.named_buffers(recurse=False))
+                for key, tensor in tensors.items():
+                    if state is not None and prefix + key in state:
+                        tensor.copy_(state.pop(prefix + key).contiguous().to(tensor.dtype))
+                    if broadcast:
+                        dist.broadcast(tensor.data, src=0)
+
+
+def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: dict | None = None,
+                zero3: bool = False, pretrained: str | Path | None = None, reset_head: bool = False,
+                same_head: bool = False) -> VisionTransformer:
+    """The configured ViT on every rank, initialised, then filled from ``pretrained`` if given
+    (read on rank 0 only; a failure there is raised on every rank). Under ZeRO-3 parameters are
+    partitioned as each module is built and initialised one module at a time, gathered, so no
+    rank holds the whole model; otherwise it is built directly on ``device``. Seed the RNG alike
+    on every rank first: fresh weights must agree."""
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else torch.device(device):
+        model = vit_from_config(model_config)
+    for name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
+            model.init_module_weights(name, module)
+    if pretrained:
+        state = on_rank0(lambda: read_pretrained(pretrained, model_config, reset_head=reset_head, same_head=same_head))
+        load_weights(model, state, zero3=zero3)
+    return model

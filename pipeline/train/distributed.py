@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,3 +58,25 @@ def _slurm_master_addr() -> str:
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodelist.split(",")[0]
+
+
+def on_rank0(fn: Callable[[], T], *, share: bool = False) -> T | None:
+    """Run ``fn`` on rank 0 only and return its result there; elsewhere None, or with ``share``
+    rank 0's (picklable) result. Rank 0 decides, the others are told, so ranks cannot act on
+    different readings of a shared filesystem. An exception on rank 0 is raised on every rank,
+    so none is left waiting in a collective. Without a process group, just calls ``fn``."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    shared = [f"{type(error).__name__}: {error}" if error is not None else None, result if share else None]
+    dist.broadcast_object_list(shared, src=0)
+    if error is not None:
+        raise error
+    if shared[0] is not None:
+        raise RuntimeError(f"failed on rank 0: {shared[0]}")
+    return result if dist.get_rank() == 0 else shared[1]

@@ -27,10 +27,14 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict:
             zero[kind] = {"device": where, "pin_memory": True, **({"nvme_path": ds.nvme_path} if where == "nvme" else {})}
     return {
         "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "train_micro_batch_size_per_gpu": config.micro_batch(world_size),
         "gradient_accumulation_steps": config.grad_accumulation_steps(world_size),
         "gradient_clipping": config.optim.clip_grad or 0.0,
         "bf16": {"enabled": ds.precision == "bf16"},
+        # fp32 accumulation: ZeRO-1 takes DeepSpeed's BF16 optimizer, ZeRO-2/3 accumulate their
+        # gradient partitions in fp32 (README: "bf16 numerics").
+        "data_types": {"grad_accum_dtype": ds.accumulation_dtype},
+        "communication_data_type": ds.reduce_dtype,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # our AdamW / SGD with parameter groups
         "steps_per_print": 2**31 - 1,  # the trainer does its own logging

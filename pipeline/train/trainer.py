@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -19,18 +18,18 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import TrainLoader, TrainStream, TrainTransform, batch_mixer, normalize, resolve_shards
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
-from pipeline.model import VisionTransformer, vit_from_config
+from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
-from pipeline.train.consolidate import adapt_to_config, consolidated_state_dict, load_weights
+from pipeline.train.consolidate import build_model
 from pipeline.train.distributed import DistEnv
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
 
 log = logging.getLogger(__name__)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal; the SLURM scripts requeue on it
+EXIT_PREEMPTED = signals.EXIT_PREEMPTED
 
 
 class NonFiniteLoss(RuntimeError):
@@ -83,15 +82,10 @@ class Trainer:
         self.ds_config = build_deepspeed_config(config, env.world_size)
         self.device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
         self.loader = self.build_loader()  # first: a dataset that does not fit is refused before any model work
-        resume = ckpt.resolve_resume(config.train.resume, self.checkpoints.directory)
-        if resume is not None:
-            ckpt.check_model(resume, model_signature(config))
-            if ckpt.read_marker(resume)["world_size"] != env.world_size:
-                if self.is_main:
-                    ckpt.convert_to_universal(resume)
-                dist.barrier()
-                resume = ckpt.universal_path(resume)
-                self.ds_config["checkpoint"] = {"load_universal": True}
+        resume = ckpt.agree_on_resume(config.train.resume, self.checkpoints.directory, model_signature(config),
+                                      env.world_size)
+        if resume is not None and resume.name.endswith("_universal"):
+            self.ds_config["checkpoint"] = {"load_universal": True}
 
         seed_everything(config.run.seed)  # the same initial weights on every rank
         model = self.build_model(pretrained=config.finetune.init_from if config.run.stage == "finetune"
@@ -124,19 +118,10 @@ class Trainer:
     # -- construction -------------------------------------------------------------------------
 
     def build_model(self, pretrained: str | None) -> VisionTransformer:
-        config, zero3 = self.config, self.config.deepspeed.zero_stage == 3
-        # ZeRO-3: parameters are partitioned as each module is built; initialise one module at a
-        # time with its parameters gathered, so no rank ever holds the whole model.
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=zero3):
-            model = vit_from_config(config.model)
-        for name, module in model.named_modules():
-            params = list(module.parameters(recurse=False))
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
-                model.init_module_weights(name, module)
-        if pretrained:
-            state = adapt_to_config(consolidated_state_dict(pretrained), config.model,
-                                    reset_head=config.finetune.reset_head, source=pretrained)
-            load_weights(model, state, zero3=zero3)
+        config = self.config
+        model = build_model(config.model, device=self.device, ds_config=self.ds_config,
+                            zero3=config.deepspeed.zero_stage == 3, pretrained=pretrained,
+                            reset_head=config.finetune.reset_head)
         if config.finetune.freeze_backbone:
             model.freeze_backbone()
         if config.deepspeed.activation_checkpointing:
@@ -147,16 +132,22 @@ class Trainer:
         c, env = self.config, self.env
         shards = resolve_shards(c.data.train_shards)
         streams = env.world_size * max(c.data.num_workers, 1)
-        if len(shards.urls) < streams:
-            raise ValueError(
-                f"data.train_shards has {len(shards.urls)} shards, fewer than ranks x workers = {env.world_size} x "
-                f"{max(c.data.num_workers, 1)} = {streams}: write smaller shards (make_shards.py --max-count) "
-                f"or lower data.num_workers")
+        if len(shards.urls) < streams and self.is_main:
+            log.info("data.train_shards: %d shards for %d ranks x %d workers = %d streams. Shards are resampled: each "
+                     "stream draws shards at random, with replacement, so streams may read the same shard at the "
+                     "same time; samples still come in their seeded order and resume exactly. More shards than "
+                     "streams mix better (make_shards.py --world-size/--workers prints a count).",
+                     len(shards.urls), env.world_size, max(c.data.num_workers, 1), streams)
         transform = TrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip,
                                    c.data.randaugment)
-        stream = TrainStream(shards, transform, batch_size=c.train.micro_batch_size, seed=c.run.seed, rank=env.rank,
+        micro = c.micro_batch(env.world_size)
+        if micro != c.train.micro_batch_size and self.is_main:
+            log.info("train.micro_batch_size %d -> %d: the per-rank batch is %d at %d ranks", c.train.micro_batch_size,
+                     micro, c.train.global_batch_size // env.world_size, env.world_size)
+        stream = TrainStream(shards, transform, batch_size=micro, seed=c.run.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=c.data.num_workers,
-                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=c.data.shuffle_buffer)
+                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=c.data.shuffle_buffer,
+                             num_classes=c.model.num_classes)
         return TrainLoader(stream, pin_memory=self.device.type == "cuda")
 
     def start_tracking(self, run_id: str | None) -> Tracker:
@@ -236,11 +227,8 @@ class Trainer:
                 if stop:
                     log.warning("saved step %d after %s; exiting with %d for a requeue", self.step,
                                 signals.received() or "a signal on another rank", EXIT_PREEMPTED)
-                    marker = os.environ.get("VIT_PREEMPTED_FILE")
-                    if marker and self.is_main:
-                        # The SLURM scripts requeue on this file: srun's exit status is unreliable
-                        # once one rank's exit has made it cancel the others.
-                        Path(marker).write_text(f"{self.step}\n")
+                    if self.is_main:
+                        signals.mark_preempted(f"step {self.step}")
                     status = EXIT_PREEMPTED
                     break
                 if self.step == c.stop_at_step:
@@ -273,7 +261,7 @@ class Trainer:
             "data_wait_frac": wait_frac,
             "max_memory_gb": max_memory_gb(self.device),
             "data/skipped": int(skipped),
-            "epoch": self.loader.batches * self.config.train.micro_batch_size * self.env.world_size
+            "epoch": self.loader.batches * self.loader.stream.batch_size * self.env.world_size
             / self.loader.stream.samples_per_epoch,
         }
         self.metrics.write(record)

@@ -1,0 +1,140 @@
+"""Every shipped config runs through its own stage on 2 CPU ranks, tiny.
+
+Configs are discovered with a glob, so a new one is covered without editing this file. A config
+with ``eval.checkpoint`` is an evaluation config (``launch/evaluate.py``); the others train. A
+fine-tune's ``finetune.init_from`` and an evaluation's ``eval.checkpoint`` name the run
+directory of another shipped config, which runs first. Only the model size (same patch size),
+the image size, data and output paths and the length are overridden; each config keeps its
+ZeRO stage, precision, checkpointing, optimizer, schedule, layer decay, pre-logits and head reset.
+The data are scikit-learn's digits, sharded with make_shards.py's defaults (one training shard).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import CONFIG_DIR, load_config
+from pipeline.model import parse_variant
+
+from tests.helpers import ROOT, metrics, run_deepspeed
+
+pytestmark = pytest.mark.integration
+
+CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("**/*.yaml"))
+# What a tiny run must not change: the config's own recipe.
+KEPT = ["deepspeed.zero_stage", "deepspeed.precision", "deepspeed.activation_checkpointing",
+        "deepspeed.grad_accum_dtype", "deepspeed.reduce_dtype", "optim.name", "optim.schedule",
+        "optim.layer_decay", "optim.lr", "optim.weight_decay", "finetune.reset_head", "model.num_classes",
+        "model.global_pool", "train.global_batch_size", "train.micro_batch_size"]
+
+
+def is_evaluation(config) -> bool:
+    return config.eval.checkpoint is not None
+
+
+def tiny_model(config) -> list[str]:
+    """A 4-block, 64-wide model with the config's patch size, on a 2-4 patch grid (the ratio of
+    fine-tuning to pretraining resolution kept roughly); demo-sized models are left alone."""
+    size, patch = parse_variant(config.model.variant)
+    grid = config.model.image_size // patch
+    if grid <= 8:
+        return []
+    overrides = [f"model.variant=pico/{patch}", f"model.image_size={patch * round(2 * config.model.image_size / 224)}"]
+    if config.model.pre_logits:
+        overrides.append("model.pre_logits=64")
+    return overrides
+
+
+def under(out: Path, path: str | None) -> str | None:
+    """A relative path of the config, moved under this test's folder."""
+    return None if path is None else str(out / path) if not Path(path).is_absolute() else path
+
+
+def upstream(name: str) -> str | None:
+    """The shipped config whose run directory this one starts from."""
+    config = load_config(name)
+    source = config.eval.checkpoint if is_evaluation(config) else (
+        config.finetune.init_from if config.run.stage == "finetune" else None)
+    if source is None:
+        return None
+    for other in CONFIGS:
+        if other != name and str(load_config(other).run.run_dir) == str(Path(source)):
+            return other
+    raise AssertionError(f"{name}: {source} is not the run directory of any shipped config")
+
+
+@pytest.fixture(scope="module")
+def default_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits-defaults")
+    subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--source", "digits", "--out", str(out),
+                    "--quiet"], check=True)
+    assert len(json.loads((out / "train.json").read_text())["shards"]) == 1  # the defaults: one training shard
+    return out
+
+
+@pytest.fixture(scope="module")
+def chain(default_shards, tmp_path_factory):
+    """Runs a config (after the one it starts from) once; returns its run directory and output."""
+    out = tmp_path_factory.mktemp("configs")
+    done: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name in done:
+            return done[name]
+        parent = upstream(name)
+        if parent:
+            assert run(parent)["returncode"] == 0, f"{parent} (which {name} starts from) failed"
+        config = load_config(name)
+        overrides = [f"run.output_dir={under(out, config.run.output_dir)}",
+                     f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+                     f"data.train_shards={default_shards}/train.json", f"data.eval_shards={default_shards}/val.json",
+                     *tiny_model(config)]
+        if is_evaluation(config):
+            overrides.append(f"eval.checkpoint={under(out, config.eval.checkpoint)}")
+            script = "launch/evaluate.py"
+        else:
+            overrides += ["train.epochs=null", "train.total_samples=null", "train.total_steps=2",
+                          "train.checkpoint_every=2", "train.log_every=1", "data.samples_per_epoch=null"]
+            if config.run.stage == "finetune":
+                overrides.append(f"finetune.init_from={under(out, config.finetune.init_from)}")
+            script = "launch/train.py"
+        result = run_deepspeed(script, 2, "--config", str(CONFIG_DIR / name), *overrides, check=False, timeout=900)
+        done[name] = {"returncode": result.returncode, "log": result.stdout + result.stderr, "config": config,
+                      "run_dir": Path(under(out, str(config.run.run_dir))), "parent": parent}
+        return done[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_through_its_stage(name, chain, default_shards):
+    result = chain(name)
+    assert result["returncode"] == 0, f"{name} failed:\n{result['log'][-6000:]}"
+    config, run_dir, log = result["config"], result["run_dir"], result["log"]
+    if is_evaluation(config):
+        report = json.loads((run_dir / "report.json").read_text())
+        expected = json.loads((default_shards / "val.json").read_text())["num_samples"]
+        assert report["num_samples"] + report["skipped"] == expected and report["world_size"] == 2
+        assert 0 <= report["top1"] <= report["top5"] <= 1
+        return
+    records = metrics(run_dir)
+    assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+    marker = json.loads((run_dir / "checkpoints/step00000002/complete.json").read_text())
+    assert marker["zero_stage"] == config.deepspeed.zero_stage and marker["world_size"] == 2
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in KEPT:
+        section, field = key.split(".")
+        assert resolved[section][field] == config.model_dump(mode="json")[section][field], key
+    if config.run.stage == "finetune":
+        parent = chain(result["parent"])["config"]
+        if (config.model.image_size != parent.model.image_size) or tiny_model(config):
+            assert "pos_embed resampled" in log
+        if parent.model.pre_logits and not config.model.pre_logits:
+            assert "pre-logits layer dropped" in log
+        if config.finetune.reset_head or parent.model.num_classes != config.model.num_classes:
+            assert f"head re-initialised for {config.model.num_classes} classes" in log

@@ -1,0 +1,113 @@
+"""The dry run: every shipped config passes at 1, 4 and 16 nodes x 8 H100 against manifests of
+ImageNet size; a broken config lists every problem, each naming its key."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import CONFIG_DIR, load_config
+from pipeline.data.writer import DEFAULT_MAX_COUNT
+from pipeline.dryrun import dry_run, filesystem_type
+
+from tests.helpers import ROOT
+
+# Train / val images and classes of the datasets the shipped configs name (by folder).
+DATASETS = {
+    "imagenet21k": {"train": 14_197_122, "val": 0, "classes": 21_843},
+    "imagenet1k": {"train": 1_281_167, "val": 50_000, "classes": 1_000},
+}
+REAL_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))  # configs/demo/ is the CPU demo
+
+
+def write_manifest(folder: Path, split: str, samples: int, classes: int) -> Path:
+    """A manifest as make_shards.py writes it at its default shard size, with empty shard files
+    (the dry run checks that they exist, never opens them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index, start in enumerate(range(0, samples, DEFAULT_MAX_COUNT)):
+        name = f"{split}-{index:06d}.tar"
+        (folder / name).touch()
+        shards.append({"url": name, "num_samples": min(DEFAULT_MAX_COUNT, samples - start), "num_bytes": 0})
+    path = folder / f"{split}.json"
+    path.write_text(json.dumps({"split": split, "num_samples": samples, "num_classes": classes,
+                                "classes": [f"n{i:08d}" for i in range(classes)], "shards": shards}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory) -> Path:
+    """tmp/data/imagenet21k/train.json etc., mirroring the configs' /data/... paths."""
+    root = tmp_path_factory.mktemp("imagenet")
+    for name, sizes in DATASETS.items():
+        for split in ("train", "val"):
+            if sizes[split]:
+                write_manifest(root / "data" / name, split, sizes[split], sizes["classes"])
+    assert len(json.loads((root / "data/imagenet21k/train.json").read_text())["shards"]) == 1420
+    assert len(json.loads((root / "data/imagenet1k/train.json").read_text())["shards"]) == 129
+    return root
+
+
+def moved_data(name: str, root: Path) -> list[str]:
+    config = load_config(name)
+    return [f"data.{key}={root}{getattr(config.data, key)}" for key in ("train_shards", "eval_shards")]
+
+
+@pytest.mark.parametrize("nodes", [1, 4, 16])
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_every_shipped_config_passes_the_dry_run_at_cluster_scale(name, nodes, imagenet):
+    stage = "evaluate" if load_config(name).eval.checkpoint else "train"
+    ok, report = dry_run(name, moved_data(name, imagenet), stage=stage, nodes=nodes, gpus_per_node=8)
+    assert ok, report
+    assert "dry run OK" in report and f"{nodes} node(s) x 8 H100 = {nodes * 8} GPUs" in report
+    assert "written by the earlier stage" in report or "fresh weights" in report
+
+
+def test_a_broken_config_lists_every_problem_with_its_key(imagenet, tmp_path):
+    overrides = moved_data("vit_h14_ft448.yaml", imagenet) + [
+        "train.global_batch_size=500",  # does not split over 32 ranks
+        "model.num_classes=100",  # the manifest lists 1,000
+        f"finetune.init_from={tmp_path}/nowhere",  # neither present nor an earlier stage's run
+    ]
+    (imagenet / "data/imagenet1k/train-000007.tar").rename(tmp_path / "moved.tar")
+    try:
+        ok, report = dry_run("vit_h14_ft448.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
+    finally:
+        (tmp_path / "moved.tar").rename(imagenet / "data/imagenet1k/train-000007.tar")
+    assert not ok
+    assert "4 problem(s)" in report, report
+    assert "train.global_batch_size=500 does not split over 32 ranks" in report and "train.global_batch_size=480" in report
+    assert "missing shard" in report and "train-000007.tar" in report
+    assert "set model.num_classes=1000" in report
+    assert f"finetune.init_from={tmp_path}/nowhere does not exist" in report
+
+
+def test_memory_that_does_not_fit_names_the_planner_recommendation(imagenet):
+    overrides = moved_data("vit_h14.yaml", imagenet) + ["train.micro_batch_size=512", "train.global_batch_size=16384"]
+    ok, report = dry_run("vit_h14.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
+    assert not ok and "does not fit" in report and "launch/plan.py recommends deepspeed.zero_stage=1" in report
+    assert "train.micro_batch_size=128" in report
+
+
+def test_micro_batch_is_lowered_where_the_per_rank_batch_is_smaller(imagenet):
+    ok, report = dry_run("vit_h14.yaml", moved_data("vit_h14.yaml", imagenet), stage="train", nodes=16, gpus_per_node=8)
+    assert ok and "global 4096 = micro 32 x 128 ranks x accumulation 1" in report and "lowered" in report
+
+
+def test_launchers_dry_run_from_the_command_line_without_a_gpu_or_process_group(imagenet):
+    cmd = [sys.executable, str(ROOT / "launch/evaluate.py"), "--config", "vit_l16_eval.yaml", "--dry-run",
+           "--nodes", "2", "--gpus-per-node", "4", *moved_data("vit_l16_eval.yaml", imagenet)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 node(s) x 4 H100 = 8 GPUs" in result.stdout and "5 shards" in result.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "launch/train.py"), "--config", "vit_l16.yaml", "--dry-run",
+                          "data.train_shards=/nonexistent/train.json"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert bad.returncode == 1 and "data.train_shards=/nonexistent/train.json" in bad.stdout
+
+
+def test_sqlite_on_a_network_filesystem_is_a_warning(tmp_path):
+    assert filesystem_type(tmp_path / "not-yet" / "mlflow.db") == filesystem_type(tmp_path)
+    assert filesystem_type(Path("/proc/self")) == "proc"

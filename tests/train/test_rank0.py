@@ -1,0 +1,97 @@
+"""Rank 0 decides, the others are told: which checkpoint to resume, and the weights of a
+pretrained source. Two gloo processes; rank 1 is given a different (stale, or missing) view of
+the filesystem, and must still end up with rank 0's answer."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pipeline.config import ModelConfig  # noqa: E402
+from pipeline.model import vit_from_config  # noqa: E402
+from pipeline.model.weights import export_safetensors  # noqa: E402
+from pipeline.train.checkpoint import COMPLETE, tag_for  # noqa: E402
+
+MODEL = {"variant": "mu/2", "image_size": 8, "num_classes": 10}
+
+
+def _init(rank: int, port: int) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+
+
+def _spawn(fn, *args) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(port, *args), nprocs=2, join=True)
+
+
+def _weights_worker(rank, port, good, out_dir):
+    import torch.distributed as dist
+
+    from pipeline.train.consolidate import build_model
+
+    _init(rank, port)
+    torch.manual_seed(rank)  # fresh weights differ: only the broadcast can make them agree
+    source = good if rank == 0 else "/nonexistent/rank1-never-reads.safetensors"
+    model = build_model(ModelConfig(**MODEL), pretrained=source)
+    torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
+    try:  # a failure on rank 0 reaches every rank, none waits for ever
+        build_model(ModelConfig(**MODEL), pretrained="/nonexistent/both.safetensors" if rank == 0 else good)
+        result = "no error"
+    except Exception as e:  # noqa: BLE001
+        result = f"{type(e).__name__}: {e}"
+    (Path(out_dir) / f"error{rank}.txt").write_text(result)
+    dist.destroy_process_group()
+
+
+def test_weights_are_read_on_rank_0_and_shared(tmp_path):
+    torch.manual_seed(123)
+    reference = vit_from_config(ModelConfig(**MODEL)).init_weights()
+    with torch.no_grad():
+        reference.head.weight.normal_()  # the initial head is zero: make every tensor informative
+    good, _ = export_safetensors(reference.state_dict(), reference, tmp_path / "ref.safetensors")
+    _spawn(_weights_worker, str(good), str(tmp_path))
+    expected = reference.state_dict()
+    for rank in (0, 1):
+        loaded = torch.load(tmp_path / f"rank{rank}.pt")
+        assert loaded.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=f"rank {rank}: {key}")
+    for rank in (0, 1):
+        error = (tmp_path / f"error{rank}.txt").read_text()
+        assert "both.safetensors" in error, f"rank {rank}: {error}"
+
+
+def _resume_worker(rank, port, views, out_dir):
+    from pipeline.train.checkpoint import agree_on_resume
+
+    _init(rank, port)
+    chosen = agree_on_resume("auto", Path(views[rank]), {"variant": "mu/2"}, world_size=2)
+    (Path(out_dir) / f"resume{rank}.txt").write_text(str(chosen))
+
+
+def _checkpoint(directory: Path, step: int) -> Path:
+    path = directory / tag_for(step)
+    path.mkdir(parents=True)
+    (path / COMPLETE).write_text(json.dumps({"step": step, "world_size": 2, "model": {"variant": "mu/2"}}))
+    return path
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
+    fresh, stale = tmp_path / "fresh", tmp_path / "stale"
+    _checkpoint(fresh, 4)
+    newest = _checkpoint(fresh, 8)
+    _checkpoint(stale, 4)  # what a rank with an old directory listing would see
+    _spawn(_resume_worker, [str(fresh), str(stale)], str(tmp_path))
+    assert [(tmp_path / f"resume{r}.txt").read_text() for r in (0, 1)] == [str(newest)] * 2
