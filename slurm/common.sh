@@ -36,7 +36,7 @@ run_stage() {
   echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
        "$SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, pipeline $VIT_PIPELINE_ID"
   local status=0
-  # Rank 0 writes this file once every rank has saved after a preemption signal. srun's own exit
+  # Rank 0 writes this file once every rank has stopped (training: saved) after a preemption signal. srun's own exit
   # status is not enough: --kill-on-bad-exit cancels the other ranks when the first exits 75.
   export VIT_PREEMPTED_FILE="$REPO/logs/.preempted-$SLURM_JOB_ID"
   rm -f "$VIT_PREEMPTED_FILE"
@@ -44,7 +44,7 @@ run_stage() {
   srun --kill-on-bad-exit=1 "$PYTHON" "launch/$script" --config "$config" "$@" || status=$?
   if [ "$status" -eq "$EXIT_PREEMPTED" ] || [ -f "$VIT_PREEMPTED_FILE" ]; then
     rm -f "$VIT_PREEMPTED_FILE"
-    echo "[$(date -Is)] preempted after a checkpoint: requeueing job $SLURM_JOB_ID"
+    echo "[$(date -Is)] preempted (what was worth keeping is saved): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
   fi

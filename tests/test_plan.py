@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +8,7 @@ import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-from pipeline.config import load_config
+from pipeline.config import CONFIG_DIR, load_config
 from pipeline.flops import (
     VitShape, activation_bytes_per_image, gradient_bytes_sent_per_gpu, largest_layer_params, max_micro_batch,
     model_state_bytes, param_count,
@@ -57,6 +58,9 @@ def test_max_micro_batch_and_recommendation():
                (0, True): 0, (1, True): 40, (2, True): 80, (3, True): 90}.items()}
     assert recommend(memory, 64) == (1, True, 32)  # no stage reaches 16 without checkpointing
     assert recommend(memory, 8) == (2, False, 8)
+    memory[(0, False)]["max_micro_batch"] = 64  # stage 0 fits, but ZeRO-1 moves the same bytes and holds less
+    memory[(1, False)]["max_micro_batch"] = 32
+    assert recommend(memory, 64) == (1, False, 32)
 
 
 def test_gradient_traffic():
@@ -105,3 +109,17 @@ def test_plan_assumptions_can_be_overridden():
     bad = subprocess.run([sys.executable, str(ROOT / "launch/plan.py"), "--config", "vit_l16.yaml", "--set", "mfu=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown assumption 'mfu'" in bad.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")
+                                        if load_config(p.name).eval.checkpoint is None))
+def test_shipped_configs_follow_the_planner_for_their_stated_cluster(name):
+    """A real training config sets the ZeRO stage, micro-batch and checkpointing that
+    launch/plan.py recommends on the cluster its SLURM script requests."""
+    config = load_config(name)
+    script = (ROOT / "slurm" / f"{config.run.stage}.sh").read_text()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", script, re.M).group(1))
+    gpus = int(re.search(r"^#SBATCH --gpus-per-node=(\d+)", script, re.M).group(1))
+    recommended = plan(config, nodes, gpus, Assumptions())["recommended"]
+    assert (config.deepspeed.zero_stage, config.deepspeed.activation_checkpointing, config.train.micro_batch_size) == (
+        recommended["zero_stage"], recommended["activation_checkpointing"], recommended["micro_batch_size"]), name

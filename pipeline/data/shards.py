@@ -13,7 +13,7 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 import braceexpand
 import webdataset as wds
@@ -117,27 +117,48 @@ def sample_offsets(path: str) -> Iterator[int]:
             tar.members = []  # keep no list of headers (a shard may hold 100,000 members)
 
 
-def open_at_sample(path: str, skip: int) -> BinaryIO:
-    """A local shard opened at its ``skip``-th sample (0-based), found from the headers alone;
-    at the end of the file if it has no such sample."""
-    stream = open(path, "rb")
-    offset = next((o for i, o in enumerate(sample_offsets(path)) if i == skip), None) if skip else 0
-    stream.seek(offset if offset is not None else 0, os.SEEK_SET if offset is not None else os.SEEK_END)
-    return stream
+class _Range:
+    """A raw file read from ``start`` for ``length`` bytes (to its end with None), then empty."""
+
+    def __init__(self, path: str, start: int, length: int | None):
+        self.file = open(path, "rb", buffering=0)  # unbuffered: no read-ahead past the range
+        self.file.seek(start)
+        self.left = length
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left is not None:
+            size = self.left if size is None or size < 0 else min(size, self.left)
+        data = self.file.read(size)
+        if self.left is not None:
+            self.left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.file.close()
 
 
-def shard_samples(url: str, skip: int = 0, handler=wds.reraise_exception) -> Iterator[dict]:
-    """The samples of one shard from its ``skip``-th on. A local shard is opened there from its
-    tar headers, so the samples before it are never read; any other is read from its start."""
-    if not skip:
+def shard_samples(url: str, skip: int = 0, count: int | None = None, handler=wds.reraise_exception) -> Iterator[dict]:
+    """Samples ``skip`` to ``skip + count`` of one shard (to its end with None). A local shard is
+    read over exactly that byte range, found from its tar headers, so what lies outside it is
+    never read; any other is read from its start."""
+    if not is_seekable(url):
+        samples = wds.tarfile_samples([{"url": url}], handler=handler)
+        yield from itertools.islice(samples, skip, None if count is None else skip + count)
+        return
+    if not skip and count is None:
         yield from wds.tarfile_samples([{"url": url}], handler=handler)
         return
-    if not is_seekable(url):
-        yield from itertools.islice(wds.tarfile_samples([{"url": url}], handler=handler), skip, None)
+    stop = None if count is None else skip + count + 1
+    offsets = list(itertools.islice(sample_offsets(url), skip, stop))
+    if not offsets:
         return
-    with open_at_sample(url, skip) as stream:
+    length = offsets[-1] - offsets[0] if count is not None and len(offsets) == count + 1 else None
+    stream = _Range(url, offsets[0], length)
+    try:
         files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=handler)
         yield from wds.tariterators.group_by_keys(files, handler=handler)
+    finally:
+        stream.close()
 
 
 def count_samples(url: str) -> int:

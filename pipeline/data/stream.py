@@ -288,16 +288,17 @@ class EvalStream(IterableDataset):
             start, end = end, end + count
             if end <= lo or start >= hi:
                 continue
-            index = max(lo, start)
+            index, stop = max(lo, start), min(end, hi)
             try:
-                for sample in shard_samples(url, skip=index - start):
-                    if index >= min(end, hi):
+                whole = index == start and stop == end  # read to the end: no header walk for the end
+                for sample in shard_samples(url, skip=index - start, count=None if whole else stop - index):
+                    if index >= stop:
                         break
                     yield index, sample
                     index += 1
             except Exception as e:  # noqa: BLE001 - a damaged shard loses its samples, not the run
                 log.warning("unreadable shard '%s' after %d samples: %r", url, index - start, e)
-            for missing in range(max(index, lo), min(end, hi)):
+            for missing in range(index, stop):
                 yield missing, None
 
     def __iter__(self) -> Iterator[dict]:

@@ -9,6 +9,7 @@ rank holds more than one full fp32 copy of the weights while loading.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -62,7 +63,10 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False) -> dict:
         return {key: _SafetensorsEntry(handle, key) for key in handle.keys()}
     source = checkpoint_dir(source)
     model_states = source / "mp_rank_00_model_states.pt"
-    if any(source.glob("*zero_pp_rank_*optim_states.pt")) or any(source.glob("zero_pp_rank_*model_states.pt")):
+    optim_files = sorted(source.glob("*zero_pp_rank_*_optim_states.pt"))
+    if optim_files and "zero_stage" not in _optimizer_state(optim_files[0]):
+        state = _bf16_optimizer_state_dict(source, optim_files)
+    elif optim_files or any(source.glob("zero_pp_rank_*model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # Partitions are memory-mapped; lazy mode merges one ZeRO-3 tensor at a time.
@@ -73,6 +77,32 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False) -> dict:
         raise FileNotFoundError(f"no DeepSpeed model states in checkpoint '{source}'")
     log.info("consolidated weights from %s (%d tensors)", source, len(state))
     return {k.removeprefix("module."): v if lazy else v.float() for k, v in state.items()}
+
+
+def _optimizer_state(path: Path) -> dict:
+    """The optimizer part of a DeepSpeed ``*_optim_states.pt`` file, memory-mapped."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+
+
+def _bf16_optimizer_state_dict(source: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    """fp32 master weights of a checkpoint written by DeepSpeed's BF16 optimizer (ZeRO-1 with
+    fp32 gradient accumulation), which ``zero_to_fp32`` does not read. Its layout is ZeRO-1's:
+    per parameter group, the parameters flattened in order (padded at the end) and split evenly
+    over the ranks. Parameters outside the optimizer (frozen) come from the bf16 module."""
+    files = sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    partitions = [_optimizer_state(f)["single_partition_of_fp32_groups"] for f in files]
+    model = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    trained = {name for shapes in model["param_shapes"] for name in shapes}
+    state = {k: v.float() for k, v in model["module"].items() if k not in trained}  # frozen ones, in bf16
+    for group, shapes in enumerate(model["param_shapes"]):
+        flat, offset = torch.cat([ranks[group] for ranks in partitions]), 0
+        for name, shape in shapes.items():
+            state[name] = flat.narrow(0, offset, shape.numel()).view(shape)
+            offset += shape.numel()
+        if offset > flat.numel():
+            raise ValueError(f"{source}: the BF16 optimizer's partitions hold {flat.numel()} values, "
+                             f"the parameters of group {group} need {offset}")
+    return state
 
 
 def adapt_to_config(state: Mapping, model_config, *, reset_head: bool = False,

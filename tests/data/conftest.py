@@ -28,7 +28,8 @@ def make_shards(tmp_path):
         rng = np.random.default_rng(0)
         keys, index = [], 0
         for shard, count in enumerate(sizes):
-            with wds.TarWriter(str(tmp_path / f"{name}-{shard:06d}.tar")) as sink:
+            # mtime=0, as our writer does: no PAX header per member
+            with wds.TarWriter(str(tmp_path / f"{name}-{shard:06d}.tar"), mtime=0) as sink:
                 for _ in range(count):
                     key = f"sample{index:05d}"
                     sample = {"__key__": key, "jpg": jpeg_bytes(make_image(rng, *size)), "cls": str(index % 10).encode()}

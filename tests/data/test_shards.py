@@ -136,4 +136,28 @@ def test_preflight_reports_bad_samples_by_shard_and_key(tmp_path, make_shards):
     assert "unreadable: 2" in result.stdout
     assert f"train-000000.tar key={keys[2]}" in result.stdout and f"train-000001.tar key={keys[5]}" in result.stdout
     assert "no label (.cls)" in result.stdout
-    assert "2 streams: enough" in result.stdout
+    assert "2 streams: suits it" in result.stdout
+
+
+def test_tar_headers_give_sample_counts_and_offsets(make_shards, tmp_path):
+    from pipeline.data.shards import count_samples, shard_samples
+
+    spec, keys = make_shards([7])
+    url = resolve_shards(spec).urls[0]
+    assert count_samples(url) == 7
+    assert [s["__key__"] for s in shard_samples(url, skip=4)] == keys[4:]
+    assert list(shard_samples(url, skip=7)) == []
+
+
+def test_preflight_reports_labels_outside_the_classes(tmp_path, make_shards):
+    spec, keys = make_shards([7], name="train")
+    manifest = {"split": "train", "num_samples": 7, "classes": [str(i) for i in range(5)],
+                "shards": [{"url": "train-000000.tar", "num_samples": 7}]}
+    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--check", str(tmp_path),
+                             "--num-classes", "5", "--world-size", "4", "--workers", "2", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "unreadable or out of range: 2" in result.stdout
+    assert f"key={keys[5]}: label 5 outside [0, 5)" in result.stdout and f"key={keys[6]}" in result.stdout
+    assert "8 streams" in result.stdout and "a count that suits them: 8 shards" in result.stdout

@@ -196,3 +196,49 @@ def test_starting_the_loader_leaves_the_global_rng_alone(make_shards):
     torch.manual_seed(0)
     take(train_loader(spec, 2, samples_per_epoch=20), 1)
     assert torch.rand(1) == expected
+
+
+def test_labels_outside_the_classes_are_skipped_counted_and_named(make_shards, caplog):
+    spec, keys = make_shards([10, 10])  # labels are index % 10
+    loader = train_loader(spec, samples_per_epoch=20, num_classes=8)  # 8 and 9 are out of range
+    with caplog.at_level(logging.WARNING):
+        batches = take(loader, 4)
+    assert all(int(labels.max()) < 8 for _, labels in batches)
+    assert loader.skipped >= 2
+    assert "label 8 outside [0, 8)" in caplog.text or "label 9 outside [0, 8)" in caplog.text
+    assert "in shard '" in caplog.text
+    shards = resolve_shards(spec)
+    batches = list(eval_batches(EvalStream(shards, EvalTransform(16), batch_size=4, image_size=16, num_classes=8)))
+    assert sum(int(b["skipped"]) for b in batches) == 4  # indices 8, 9, 18, 19
+    assert all(int(b["labels"][b["mask"]].max()) < 8 for b in batches if b["mask"].any())
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read() calls (Linux /proc/self/io 'rchar')."""
+    return int(next(line for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("rchar")).split()[1])
+
+
+@pytest.mark.parametrize("sizes, streams", [([12, 12], (2, 4)), ([3, 5, 4, 6, 2, 4, 3, 5], (2, 2))],
+                         ids=["fewer-shards-than-streams", "more-shards-than-streams"])
+def test_eval_reads_each_shard_once_across_all_streams(make_shards, sizes, streams):
+    """Every (rank, worker) stream of a job reads its range; together they read the shards'
+    bytes once, plus tar headers where a stream starts inside a shard."""
+    spec, keys = make_shards(sizes, size=(192, 256))  # ~40 kB JPEGs, as photos dwarf their tar headers
+    shards = resolve_shards(spec)
+    shards.counts = sizes
+    total = sum(Path(u).stat().st_size for u in shards.urls)
+    world_size, workers = streams
+    seen, read = [], 0
+    for rank in range(world_size):
+        stream = EvalStream(shards, EvalTransform(16), batch_size=4, rank=rank, world_size=world_size,
+                            num_workers=workers, image_size=16)
+        for lo, hi in stream.ranges[rank]:
+            before = _bytes_read()
+            seen += [index for index, sample in stream._samples(lo, hi) if sample is not None]
+            read += _bytes_read() - before
+    assert sorted(seen) == list(range(len(keys)))
+    # Reading each shard from byte 0 up to a stream's range would read ~2.5x here.
+    assert read < 1.15 * total, (read, total)
+    if len(sizes) >= world_size * workers:  # whole shards: no stream starts inside a shard
+        assert all(lo in set(itertools.accumulate(sizes, initial=0)) for r in stream.ranges for lo, _ in r)

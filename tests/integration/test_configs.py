@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import CONFIG_DIR, load_config
 from pipeline.model import parse_variant
+from pipeline.train.consolidate import consolidated_state_dict
 
 from tests.helpers import ROOT, metrics, run_deepspeed
 
@@ -88,7 +90,8 @@ def chain(default_shards, tmp_path_factory):
             return done[name]
         parent = upstream(name)
         if parent:
-            assert run(parent)["returncode"] == 0, f"{parent} (which {name} starts from) failed"
+            first = run(parent)
+            assert first["returncode"] == 0, f"{parent}, which {name} starts from, failed:\n{first['log'][-6000:]}"
         config = load_config(name)
         overrides = [f"run.output_dir={under(out, config.run.output_dir)}",
                      f"run.tracking_uri=sqlite:///{out}/mlflow.db",
@@ -126,6 +129,13 @@ def test_config_runs_through_its_stage(name, chain, default_shards):
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
     marker = json.loads((run_dir / "checkpoints/step00000002/complete.json").read_text())
     assert marker["zero_stage"] == config.deepspeed.zero_stage and marker["world_size"] == 2
+    # The fp32 weights the next stage starts from are the trained ones: rounded, the bf16 module's
+    # (saved whole at ZeRO 0-2).
+    weights = consolidated_state_dict(run_dir)
+    if config.deepspeed.zero_stage < 3:
+        module = torch.load(run_dir / "checkpoints/step00000002/mp_rank_00_model_states.pt", weights_only=False)
+        for key, value in module["module"].items():
+            torch.testing.assert_close(weights[key].to(value.dtype), value, rtol=0, atol=0, msg=key)
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     for key in KEPT:
         section, field = key.split(".")

@@ -85,6 +85,65 @@ def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_p
     assert {r.data.tags["pipeline"] for r in runs} == {"ci-pipeline"}
 
 
+def test_pipeline_submits_nothing_when_a_dry_run_fails(slurm_cluster, digits_shards, tmp_path):
+    """pipeline.sh dry-runs the three stages at the allocation it would request; one problem and
+    no job is submitted."""
+    (tmp_path / "logs").mkdir()
+    overrides = demo_overrides(digits_shards, tmp_path, 10) + [f"finetune.init_from={tmp_path}/demo-pretrain",
+                                                               f"eval.checkpoint={tmp_path}/demo-finetune"]
+    configs = [str(ROOT / f"configs/demo/{name}.yaml") for name in ("pretrain", "finetune", "evaluate")]
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster, capture_output=True, text=True).stdout
+    # 64 images do not split over 3 nodes x 2 ranks: the pretrain and fine-tune dry runs say so.
+    resources = " ".join(RESOURCES).replace("--nodes=1", "--nodes=3")
+    result = subprocess.run([str(ROOT / "slurm/pipeline.sh"), *configs, "--", *overrides], cwd=tmp_path,
+                            env=job_env(slurm_cluster, SBATCH_ARGS=resources), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "dry run of pretrain.sh at 3 node(s) x 2 ranks" in result.stdout
+    assert "train.global_batch_size=64 does not split over 6 ranks" in result.stdout
+    assert "nothing was submitted" in result.stderr
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster, capture_output=True, text=True).stdout
+    assert after == before
+
+
+def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_shards, tmp_path):
+    """SIGUSR1 mid-evaluation: every rank stops at the same batch, the job exits 75 and is
+    requeued, and the requeued job evaluates everything."""
+    (tmp_path / "logs").mkdir()
+    trained = demo_overrides(digits_shards, tmp_path, 2)
+    train = subprocess.run(["sbatch", "--wait", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
+                            str(ROOT / "configs/demo/pretrain.yaml"), *trained],
+                           cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr
+    # One image per batch over the training split: long enough to be signalled mid-way.
+    overrides = [f"run.output_dir={tmp_path}", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"data.eval_shards={digits_shards}/train.json", "data.num_workers=1", "eval.micro_batch_size=1",
+                 f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=64"]
+    submitted = subprocess.run(["sbatch", "--parsable", *RESOURCES, str(ROOT / "slurm/evaluate.sh"),
+                                str(ROOT / "configs/demo/evaluate.yaml"), *overrides],
+                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
+    job = submitted.stdout.strip().split(";")[0]
+    log_path = tmp_path / "logs" / f"vit-evaluate-{job}.out"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (log_path.exists() and "batch/s" in log_path.read_text()):
+        time.sleep(0.5)
+    assert log_path.exists() and "batch/s" in log_path.read_text(), "evaluation did not start"
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
+
+    def state():
+        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
+        return dict(field.split("=", 1) for field in info.split() if "=" in field)
+
+    while time.time() < deadline and state().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(2)
+    final, log_text = state(), log_path.read_text()
+    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
+    assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
+    assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
+    report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
+    assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "train.json").read_text())["num_samples"]
+
+
 def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_shards, tmp_path):
     """SIGUSR1 (what --signal=USR1@600 sends before the time limit) to the job's ranks: they save
     and exit 75, the script requeues the job, and the requeued job resumes the checkpoint and the
@@ -111,7 +170,7 @@ def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_
     final = state()
     log_text = (tmp_path / "logs" / f"vit-pretrain-{job}.out").read_text()
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
-    assert "preempted after a checkpoint: requeueing" in log_text and "restart 1" in log_text
+    assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     assert "resumed from" in log_text
     records = metrics(run_dir)
     assert max(records) == 100 and (run_dir / "checkpoints/step00000100/complete.json").is_file()
