@@ -13,6 +13,7 @@ as a share of how far training moved the weights (0 is the fp32 run itself).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -45,7 +46,12 @@ def train(shards: Path, out: Path, name: str, steps: int, *overrides: str) -> Pa
     return out / name
 
 
-def flat(state: dict) -> torch.Tensor:
+def weights(run_dir: Path) -> torch.Tensor:
+    """The run's consolidated fp32 weights as one vector (DeepSpeed's chatter goes to stderr)."""
+    from pipeline.train.consolidate import consolidated_state_dict
+
+    with contextlib.redirect_stdout(sys.stderr):
+        state = consolidated_state_dict(run_dir)
     return torch.cat([state[k].flatten().double() for k in sorted(state)])
 
 
@@ -57,31 +63,32 @@ def main() -> int:
 
     from pipeline.data.sources import digits_source
     from pipeline.data.writer import write_shards
-    from pipeline.train.consolidate import consolidated_state_dict
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_shards(digits_source(), tmp / "shards", val_fraction=0.2, max_count=200, progress=False)
-        start = flat(consolidated_state_dict(train(tmp / "shards", tmp, "init", 1, "optim.lr=1e-30")))
-        reference = flat(consolidated_state_dict(train(tmp / "shards", tmp, "fp32", args.steps,
-                                                       "deepspeed.precision=fp32", "deepspeed.zero_stage=2")))
-        moved = float((reference - start).norm())
         rows = []
         for stage in args.stages:
+            # Each stage against an fp32 run of its own: ZeRO-3 initialises under zero.Init, so its
+            # starting weights differ from the other stages'.
+            common = (f"deepspeed.zero_stage={stage}",)
+            start = weights(train(tmp / "shards", tmp, f"zero{stage}-init", 1, *common, "optim.lr=1e-30"))
+            reference = weights(train(tmp / "shards", tmp, f"zero{stage}-fp32", args.steps, *common,
+                                      "deepspeed.precision=fp32"))
+            moved = float((reference - start).norm())
             for accumulate in ("bf16", "fp32"):
                 for reduce in ("bf16", "fp32"):
                     name = f"zero{stage}-accum_{accumulate}-reduce_{reduce}"
-                    weights = flat(consolidated_state_dict(train(
-                        tmp / "shards", tmp, name, args.steps, f"deepspeed.zero_stage={stage}",
-                        f"deepspeed.grad_accum_dtype={accumulate}", f"deepspeed.reduce_dtype={reduce}")))
+                    trained = weights(train(tmp / "shards", tmp, name, args.steps, *common,
+                                            f"deepspeed.grad_accum_dtype={accumulate}",
+                                            f"deepspeed.reduce_dtype={reduce}"))
                     rows.append({"zero_stage": stage, "grad_accum_dtype": accumulate, "reduce_dtype": reduce,
-                                 "distance": float((weights - reference).norm()) / moved})
+                                 "distance": float((trained - reference).norm()) / moved, "fp32_update_norm": moved})
                     print(f"  {name}: {rows[-1]['distance']:.4f}", file=sys.stderr, flush=True)
     print(f"{'ZeRO':>4}  {'accumulate':>10}  {'reduce':>6}  {'distance from fp32':>18}")
     for r in rows:
         print(f"{r['zero_stage']:>4}  {r['grad_accum_dtype']:>10}  {r['reduce_dtype']:>6}  {r['distance']:>18.4f}")
-    print(json.dumps({"steps": args.steps, "accumulation_steps": 8, "ranks": 2, "fp32_update_norm": moved,
-                      "runs": rows}))
+    print(json.dumps({"steps": args.steps, "accumulation_steps": 8, "ranks": 2, "runs": rows}))
     return 0
 
 

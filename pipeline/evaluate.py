@@ -82,13 +82,12 @@ class Preempted(RuntimeError):
     """Every rank stopped the evaluation on a preemption signal; the job should be requeued."""
 
 
-def eval_model(config: Config, source: str, env: DistEnv, device: torch.device) -> torch.nn.Module:
+def eval_model(config: Config, source: str, env: DistEnv, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The model at ``config.model.image_size`` with the weights of ``source`` (read on rank 0;
     pos_embed resampled when the resolution differs; the classes must match), in eval mode and
     the configured precision: a plain module on the device at ZeRO 0-2, a partitioned DeepSpeed
     engine at ZeRO-3."""
     c, batch_size = config, config.eval.micro_batch_size
-    dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
     if c.deepspeed.zero_stage < 3:
         model = build_model(c.model, device=device, pretrained=source, same_head=True)
         return model.to(dtype).eval()
@@ -110,8 +109,8 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
         raise ValueError("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
     c, zero3 = config, config.deepspeed.zero_stage == 3
     device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
-    model = eval_model(config, str(source), env, device)
     dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
+    model = eval_model(config, str(source), env, device, dtype)
     shards = resolve_shards(c.data.eval_shards)
     stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
                         rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,

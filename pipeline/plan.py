@@ -108,8 +108,10 @@ def recommend(memory: dict, per_gpu_batch: int) -> tuple[int, bool, int]:
 
 def comm_bytes_per_step(shape: VitShape, stage: int, gpus: int, micro: int, config: Config) -> float:
     # ZeRO-2/3 reduce-scatter every micro-batch's gradients; stages 0-1 reduce once per step.
+    # An fp32 reduction (deepspeed.reduce_dtype) moves twice the bytes of a bf16 one.
     accumulation = max(1, config.train.global_batch_size // (gpus * max(micro, 1)))
-    return gradient_bytes_sent_per_gpu(shape, stage, gpus) * (accumulation if stage >= 2 else 1)
+    width = 2 if config.deepspeed.reduce_dtype == "fp32" else 1
+    return gradient_bytes_sent_per_gpu(shape, stage, gpus) * (accumulation if stage >= 2 else 1) * width
 
 
 def comm_seconds(shape, stage, gpus, nodes, micro, config, assume: Assumptions) -> float:

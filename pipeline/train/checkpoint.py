@@ -26,6 +26,7 @@ from pipeline.train.distributed import on_rank0
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
 TAG = re.compile(r"^step(\d{8})$")
+UNIVERSAL = "_universal"  # suffix of a checkpoint converted for another world size
 
 
 def tag_for(step: int) -> str:
@@ -90,7 +91,7 @@ def check_model(checkpoint: Path, model_signature: dict) -> None:
 
 
 def universal_path(checkpoint: Path) -> Path:
-    return checkpoint.with_name(checkpoint.name + "_universal")
+    return checkpoint.with_name(checkpoint.name + UNIVERSAL)
 
 
 def convert_to_universal(checkpoint: Path) -> Path:

@@ -84,7 +84,7 @@ class Trainer:
         self.loader = self.build_loader()  # first: a dataset that does not fit is refused before any model work
         resume = ckpt.agree_on_resume(config.train.resume, self.checkpoints.directory, model_signature(config),
                                       env.world_size)
-        if resume is not None and resume.name.endswith("_universal"):
+        if resume is not None and resume.name.endswith(ckpt.UNIVERSAL):
             self.ds_config["checkpoint"] = {"load_universal": True}
 
         seed_everything(config.run.seed)  # the same initial weights on every rank
