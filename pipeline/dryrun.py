@@ -20,6 +20,8 @@ from pipeline.flops import (
 )
 from pipeline.plan import GB, Assumptions, plan, usable_bytes
 from pipeline.tracking import tracking_uri
+from pipeline.train.checkpoint import read_marker
+from pipeline.train.consolidate import checkpoint_dir
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
                        "fuse.glusterfs", "fuse.sshfs", "9p", "weka", "wekafs")
@@ -211,9 +213,6 @@ def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Re
 def _check_link(config: Config, key: str, source: str | None, inherited: list[Path], after: list[str],
                 overrides: list[str], report: Report, same_head: bool = False) -> None:
     """``source`` must exist, or be the run directory an earlier stage of the pipeline writes."""
-    from pipeline.train.checkpoint import read_marker
-    from pipeline.train.consolidate import checkpoint_dir
-
     if not source:
         report.problems.append(f"{key} is not set: name the checkpoint (a run directory or .safetensors file)")
         return

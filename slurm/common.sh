@@ -36,8 +36,9 @@ run_stage() {
   echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
        "$SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, pipeline $VIT_PIPELINE_ID"
   local status=0
-  # Rank 0 writes this file once every rank has stopped (training: saved) after a preemption signal. srun's own exit
-  # status is not enough: --kill-on-bad-exit cancels the other ranks when the first exits 75.
+  # Rank 0 writes this file once every rank has stopped after a preemption signal (training: after
+  # the save). srun's own exit status is not enough: --kill-on-bad-exit cancels the other ranks
+  # when the first exits 75.
   export VIT_PREEMPTED_FILE="$REPO/logs/.preempted-$SLURM_JOB_ID"
   rm -f "$VIT_PREEMPTED_FILE"
   # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others hanging.

@@ -23,6 +23,18 @@ def demo_overrides(shards, out, steps: int) -> list[str]:
             f"train.total_steps={steps}", "train.log_every=5", f"train.checkpoint_every={steps}"]
 
 
+def job_state(cluster_env, job: str) -> dict:
+    info = subprocess.run(["scontrol", "show", "job", job], env=cluster_env, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in info.split() if "=" in field)
+
+
+def wait_for_end(cluster_env, job: str, deadline: float) -> dict:
+    """The job's final state (a requeued job runs again before it ends)."""
+    while time.time() < deadline and job_state(cluster_env, job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(2)
+    return job_state(cluster_env, job)
+
+
 def job_env(cluster_env, **extra):
     return dict(cluster_env, PYTHON=sys.executable, VIT_PIPELINE_ROOT=str(ROOT), DS_ACCELERATOR="cpu",
                 OMP_NUM_THREADS="1", **extra)
@@ -69,10 +81,7 @@ def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_p
         if not queue.stdout.strip():
             break
         time.sleep(2)
-    states = {}
-    for job in jobs:
-        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
-        states[job] = dict(field.split("=", 1) for field in info.split() if "=" in field)
+    states = {job: job_state(slurm_cluster, job) for job in jobs}
     logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.out"))
     assert [states[j]["JobState"] for j in jobs] == ["COMPLETED"] * 3, logs
     # In order: each stage started after the one before it ended.
@@ -129,14 +138,7 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
         time.sleep(0.5)
     assert log_path.exists() and "batch/s" in log_path.read_text(), "evaluation did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
-
-    def state():
-        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
-        return dict(field.split("=", 1) for field in info.split() if "=" in field)
-
-    while time.time() < deadline and state().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        time.sleep(2)
-    final, log_text = state(), log_path.read_text()
+    final, log_text = wait_for_end(slurm_cluster, job, deadline), log_path.read_text()
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
     assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
@@ -160,14 +162,7 @@ def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_
         time.sleep(1)
     assert (run_dir / "metrics.jsonl").exists(), "training did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
-
-    def state():
-        info = subprocess.run(["scontrol", "show", "job", job], env=slurm_cluster, capture_output=True, text=True).stdout
-        return dict(field.split("=", 1) for field in info.split() if "=" in field)
-
-    while time.time() < deadline and state().get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        time.sleep(2)
-    final = state()
+    final = wait_for_end(slurm_cluster, job, deadline)
     log_text = (tmp_path / "logs" / f"vit-pretrain-{job}.out").read_text()
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
