@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  loss {report['loss']:.4f}  "
                   f"ECE {report['ece']:.4f}  on {report['num_samples']} images ({report['skipped']} unreadable) "
                   f"at {report['image_size']} px -> {config.run.run_dir / 'report.json'}")
+        dist.barrier()  # leave together: the others wait while rank 0 writes the report and MLflow run
     except Preempted as e:
         print(f"{e}: exiting with {signals.EXIT_PREEMPTED} for a requeue (evaluation restarts)", file=sys.stderr)
         if env.is_main:

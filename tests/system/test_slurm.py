@@ -127,7 +127,7 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     # One image per batch over the training split: long enough to be signalled mid-way.
     overrides = [f"run.output_dir={tmp_path}", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                  f"data.eval_shards={digits_shards}/train.json", "data.num_workers=1", "eval.micro_batch_size=1",
-                 f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=64"]
+                 f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=32"]
     submitted = subprocess.run(["sbatch", "--parsable", *RESOURCES, str(ROOT / "slurm/evaluate.sh"),
                                 str(ROOT / "configs/demo/evaluate.yaml"), *overrides],
                                cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
