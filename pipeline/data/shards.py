@@ -19,6 +19,9 @@ import braceexpand
 import webdataset as wds
 
 
+DEFAULT_MAX_COUNT = 10_000  # samples per shard written (make_shards.py --max-count)
+
+
 @dataclass
 class ShardSet:
     urls: list[str]
@@ -66,7 +69,7 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
     return shards
 
 
-def suggest_shards(num_samples: int, streams: int, max_count: int = 10_000) -> tuple[int, int]:
+def suggest_shards(num_samples: int, streams: int, max_count: int = DEFAULT_MAX_COUNT) -> tuple[int, int]:
     """(shards, samples per shard) that suit ``streams`` readers (ranks x workers): a multiple of
     the stream count, so evaluation gives every stream whole shards and training streams rarely
     read the same shard at once, with at most ``max_count`` samples per shard."""

@@ -12,6 +12,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from pipeline.data.shards import DEFAULT_MAX_COUNT
 from pipeline.data.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,6 @@ log = logging.getLogger(__name__)
 TAR_BLOCK = 512
 TAR_END = 2 * TAR_BLOCK  # two zero blocks close a tar
 TAR_RECORD = 20 * TAR_BLOCK  # and the file is padded to whole records
-DEFAULT_MAX_COUNT = 10_000  # samples per shard (make_shards.py --max-count)
 
 
 def _tar_member_size(num_bytes: int) -> int:
