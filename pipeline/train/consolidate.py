@@ -1,9 +1,10 @@
 """Models with their weights: build the configured ViT on every rank, and fill it from a training
 checkpoint (any ZeRO stage, any world size) or a safetensors file.
 
-Rank 0 alone reads and adapts the source, one tensor at a time where the format allows, and the
-other ranks receive the weights over the process group: a job reads a checkpoint once, and no
-rank holds more than one full fp32 copy of the weights while loading.
+Rank 0 alone reads and adapts the source, one tensor at a time where the format allows (ZeRO-3
+partitions, safetensors, stage-0 files; a ZeRO-1/2 source merges one flat fp32 copy), and the
+other ranks receive the weights over the process group: a job reads a checkpoint once, and the
+ranks that do not read hold only their model (benchmarks/load_memory.py).
 """
 
 from __future__ import annotations
@@ -96,12 +97,13 @@ def _bf16_optimizer_state_dict(source: Path, files: list[Path]) -> dict[str, tor
     state = {k: v.float() for k, v in model["module"].items() if k not in trained}  # frozen ones, in bf16
     for group, shapes in enumerate(model["param_shapes"]):
         flat, offset = torch.cat([ranks[group] for ranks in partitions]), 0
+        needed = sum(shape.numel() for shape in shapes.values())
+        if needed > flat.numel():
+            raise ValueError(f"{source}: the BF16 optimizer's partitions hold {flat.numel()} values, "
+                             f"the parameters of group {group} need {needed}")
         for name, shape in shapes.items():
             state[name] = flat.narrow(0, offset, shape.numel()).view(shape)
             offset += shape.numel()
-        if offset > flat.numel():
-            raise ValueError(f"{source}: the BF16 optimizer's partitions hold {flat.numel()} values, "
-                             f"the parameters of group {group} need {offset}")
     return state
 
 
