@@ -36,9 +36,15 @@ def run_deepspeed(script: str, ranks: int, *args: str, timeout: int = 600, check
     return result
 
 
+def read_log(path: Path) -> str:
+    """A file another process may be writing: a multi-byte character cut at the end is replaced, not an error."""
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> the last metrics record of that step."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    """step -> the last metrics record of that step (a line still being written is left out)."""
+    text = read_log(run_dir / "metrics.jsonl")
+    lines = text.splitlines()[:text.count("\n")]
     return {record["step"]: record for record in map(json.loads, lines)}
 
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import ROOT, metrics
+from tests.helpers import ROOT, metrics, read_log
 
 pytestmark = pytest.mark.system
 
@@ -48,7 +48,7 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
         cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
     job_id = result.stdout.strip().split(";")[0]
     logs = list((tmp_path / "logs").glob(f"vit-pretrain-{job_id}.out"))
-    log_text = logs[0].read_text() if logs else "(no log)"
+    log_text = read_log(logs[0]) if logs else "(no log)"
     assert result.returncode == 0, f"{result.stderr}\n{log_text[-4000:]}"
     state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in state
@@ -82,7 +82,7 @@ def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_p
             break
         time.sleep(2)
     states = {job: job_state(slurm_cluster, job) for job in jobs}
-    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.out"))
+    logs = "\n".join(read_log(p)[-1500:] for p in (tmp_path / "logs").glob("*.out"))
     assert [states[j]["JobState"] for j in jobs] == ["COMPLETED"] * 3, logs
     # In order: each stage started after the one before it ended.
     assert states[jobs[0]]["EndTime"] <= states[jobs[1]]["StartTime"] <= states[jobs[1]]["EndTime"] <= states[jobs[2]]["StartTime"]
@@ -134,11 +134,11 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     job = submitted.stdout.strip().split(";")[0]
     log_path = tmp_path / "logs" / f"vit-evaluate-{job}.out"
     deadline = time.time() + 600
-    while time.time() < deadline and not (log_path.exists() and "batch/s" in log_path.read_text()):
+    while time.time() < deadline and not (log_path.exists() and "batch/s" in read_log(log_path)):
         time.sleep(0.5)
-    assert log_path.exists() and "batch/s" in log_path.read_text(), "evaluation did not start"
+    assert log_path.exists() and "batch/s" in read_log(log_path), "evaluation did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
-    final, log_text = wait_for_end(slurm_cluster, job, deadline), log_path.read_text()
+    final, log_text = wait_for_end(slurm_cluster, job, deadline), read_log(log_path)
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
     assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
@@ -163,7 +163,7 @@ def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_
     assert (run_dir / "metrics.jsonl").exists(), "training did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
     final = wait_for_end(slurm_cluster, job, deadline)
-    log_text = (tmp_path / "logs" / f"vit-pretrain-{job}.out").read_text()
+    log_text = read_log(tmp_path / "logs" / f"vit-pretrain-{job}.out")
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     assert "resumed from" in log_text
