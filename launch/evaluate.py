@@ -34,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
 
-    import deepspeed
     import torch.distributed as dist
 
     from pipeline.evaluate import Preempted, evaluate
     from pipeline.train import signals
+    from pipeline.train.distributed import init_process_group
 
-    deepspeed.init_distributed()
+    init_process_group()
     try:
         report = evaluate(config, env, args.checkpoint)
         if env.is_main:

@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
 
-    import deepspeed
     import torch.distributed as dist
 
+    from pipeline.train.distributed import init_process_group
     from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
 
-    deepspeed.init_distributed()
+    init_process_group()
     trainer, code, status = None, 1, "FAILED"
     try:
         trainer = Trainer(config, env)
