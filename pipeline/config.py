@@ -53,6 +53,7 @@ class ModelConfig(Section):
     layer_scale_init: float | None = Field(None, description="Initial LayerScale value; None disables LayerScale.")
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in MLPs and projections.")
+    compile: bool = Field(False, description="Training: torch.compile each transformer block (one graph for all; the first steps compile it).")
 
     @property
     def patch_size(self) -> int:
@@ -121,7 +122,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(1000, gt=0, description="Steps between checkpoints (one is also written at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     resume: str = Field("auto", description="'auto' (latest in the run directory), 'never', or a checkpoint path.")
-    max_bad_steps: int = Field(0, ge=0, description="Non-finite-loss steps to skip before stopping the run.")
+    max_bad_steps: int = Field(0, ge=0, description="Optimizer steps with a non-finite loss to skip (their update is dropped) before stopping the run; bf16 only.")
     device_peak_tflops: float | None = Field(None, gt=0.0, description="Peak bf16 TFLOP/s per device for MFU; default from the device table.")
 
     @model_validator(mode="after")
@@ -199,6 +200,9 @@ class Config(Section):
             raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors file)")
         if self.deepspeed.zero_stage == 0 and self.deepspeed.offload_optimizer != "none":
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.train.max_bad_steps and self.deepspeed.precision != "bf16":
+            raise ValueError("train.max_bad_steps needs deepspeed.precision=bf16: DeepSpeed skips the update of a "
+                             "non-finite step only under bf16 (check_grad_overflow), an fp32 run would apply it")
         return self
 
     def check_world_size(self, world_size: int) -> None:

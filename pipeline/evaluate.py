@@ -24,7 +24,7 @@ from pipeline.data import EvalStream, EvalTransform, eval_batches, normalize, re
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
-from pipeline.train.distributed import DistEnv
+from pipeline.train.distributed import DistEnv, StepAgreement
 
 log = logging.getLogger(__name__)
 ECE_BINS = 15
@@ -116,23 +116,24 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
                         rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
                         image_size=c.model.image_size, num_classes=c.model.num_classes)
     tally = Tally(c.model.num_classes, device)
-    stop = torch.zeros(1, device=device)
+    mean, std = (torch.tensor(v, dtype=torch.float32).to(device) for v in (c.data.mean, c.data.std))
+    agreement = StepAgreement(device)
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not env.is_main,
-                          desc="evaluate", unit="batch"):
-            # Ranks agree on a signal at each batch, so all leave at the same one (ZeRO-3
-            # forwards are collective); the flag's all-reduce is tiny next to a forward.
-            stop.fill_(float(signals.received() is not None))
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-            if stop.item():
+        for index, batch in enumerate(tqdm(eval_batches(stream), total=stream.batches_per_rank,
+                                           disable=not env.is_main, desc="evaluate", unit="batch")):
+            # Ranks agree on a signal once a batch, read a batch late, so all leave at the same
+            # batch (ZeRO-3 forwards are collective) without waiting on the device for it.
+            agreed = agreement.collect()
+            if agreed is not None and agreed[1]:
                 raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")
-            mask = batch["mask"].to(device)
-            tally.skipped += batch["skipped"].to(device)
+            agreement.post(index, signals.received() is not None)
+            mask = batch["mask"].to(device, non_blocking=True)
+            tally.skipped += batch["skipped"].to(device, non_blocking=True)
             if not zero3 and not batch["mask"].any():
                 continue  # a padding batch: only ZeRO-3 needs every rank's forward
-            images = normalize(batch["images"].to(device), c.data.mean, c.data.std).to(dtype)
-            tally.add(model(images), batch["labels"].to(device), mask)
+            images = normalize(batch["images"].to(device, non_blocking=True), mean, std).to(dtype)
+            tally.add(model(images), batch["labels"].to(device, non_blocking=True), mask)
     elapsed = time.perf_counter() - start
     tally.all_reduce()
     report = tally.report(shards.classes)

@@ -102,6 +102,12 @@ def test_finetune_stage_needs_init_from():
     assert load_config("vit_l16", ["run.stage=finetune", "finetune.init_from=ckpt/"]).run.stage == "finetune"
 
 
+def test_skipping_non_finite_steps_needs_bf16():
+    with pytest.raises(ConfigError, match=r"train.max_bad_steps needs deepspeed.precision=bf16"):
+        load_config("demo/pretrain", ["train.max_bad_steps=2", "deepspeed.precision=fp32"])
+    assert load_config("demo/pretrain", ["train.max_bad_steps=2"]).train.max_bad_steps == 2
+
+
 def test_batch_split_over_ranks_and_the_micro_batch_as_a_bound():
     with pytest.raises(ConfigError, match=r"does not split over 3 ranks.*train.global_batch_size=4095"):
         load_config("vit_l16", world_size=3)

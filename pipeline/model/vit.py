@@ -171,6 +171,12 @@ class VisionTransformer(nn.Module):
         """Recompute every n-th block in the backward pass (non-reentrant); 0 or False: off."""
         self.grad_checkpointing_every = int(every_n_blocks)
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each transformer block in place. The blocks share their code, so one
+        graph serves them all; activation checkpointing recomputes through it."""
+        for block in self.blocks:
+            block.compile(**options)
+
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
@@ -96,3 +97,38 @@ def on_rank0(fn: Callable[[], T], *, share: bool = False) -> T | None:
     if shared[0] is not None:
         raise RuntimeError(f"failed on rank 0: {shared[0]}")
     return result if dist.get_rank() == 0 else shared[1]
+
+
+class StepAgreement:
+    """Once per step, all ranks agree on whether to stop (any rank asked to) and whether any
+    rank saw a non-finite loss. The all-reduce and the copy to pinned host memory are queued
+    behind the step and read one step later, when they have long finished: the hot loop never
+    waits on the device for them. :meth:`collect` right after :meth:`post` reads the step just
+    taken (then the host does wait: before a checkpoint)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.pending = device, None
+        self.cuda = device.type == "cuda"
+
+    def post(self, step: int, stop: bool, nonfinite: torch.Tensor | None = None) -> None:
+        flags = torch.zeros(2, device=self.device)  # [ranks that stop, non-finite losses]
+        flags[0].fill_(float(stop))  # a kernel argument, not a host-to-device copy
+        if nonfinite is not None:
+            flags[1].copy_(nonfinite)
+        dist.all_reduce(flags)  # NCCL: queued on the stream, the host goes on
+        host = torch.empty(2, pin_memory=self.cuda)
+        host.copy_(flags, non_blocking=True)
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (step, host, event)
+
+    def collect(self) -> tuple[int, bool, bool] | None:
+        """(step, stop, non-finite) as agreed for the last posted step, or None if read already."""
+        if self.pending is None:
+            return None
+        (step, host, event), self.pending = self.pending, None
+        if event is not None:
+            event.synchronize()
+        return step, bool(host[0] > 0), bool(host[1] > 0)

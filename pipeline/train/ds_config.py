@@ -30,7 +30,9 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": config.micro_batch(world_size),
         "gradient_accumulation_steps": config.grad_accumulation_steps(world_size),
         "gradient_clipping": config.optim.clip_grad or 0.0,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # A non-finite gradient skips the optimizer step, on every rank; the trainer counts such
+        # steps against train.max_bad_steps.
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
         # fp32 accumulation: ZeRO-1 takes DeepSpeed's BF16 optimizer, ZeRO-2/3 accumulate their
         # gradient partitions in fp32 (README: "bf16 numerics").
         "data_types": {"grad_accum_dtype": ds.accumulation_dtype},

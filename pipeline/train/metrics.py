@@ -19,7 +19,8 @@ def max_memory_gb(device: torch.device) -> float:
 
 
 class Meter:
-    """Accumulates a log window: step time, data wait, images, loss and accuracy."""
+    """Accumulates a log window: step time and data wait on the host; loss, accuracy and finite
+    micro-batches on the device, read only when the window is logged."""
 
     def __init__(self):
         self.reset()
@@ -27,8 +28,7 @@ class Meter:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
-        self.loss_sum = 0.0
-        self.correct = 0.0
+        self.sums = None  # on the device: loss over finite micro-batches, correct, finite micro-batches
         self.count = 0  # images
         self.steps = 0  # micro-batches
 
@@ -38,9 +38,11 @@ class Meter:
         yield
         self.data_wait += time.perf_counter() - start
 
-    def add(self, loss: float, correct: float, images: int) -> None:
-        self.loss_sum += loss
-        self.correct += correct
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
+        """``loss``: the micro-batch's scalar loss; ``correct``: a boolean per image. No host read."""
+        finite = torch.isfinite(loss)
+        sums = torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(), finite.double()])
+        self.sums = sums if self.sums is None else self.sums + sums
         self.count += images
         self.steps += 1
 

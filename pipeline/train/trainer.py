@@ -23,7 +23,7 @@ from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
-from pipeline.train.distributed import DistEnv
+from pipeline.train.distributed import DistEnv, StepAgreement
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
@@ -38,7 +38,7 @@ class NonFiniteLoss(RuntimeError):
 
 def model_signature(config: Config) -> dict:
     """The architecture, as the checkpoint marker records it (export rebuilds the model from it)."""
-    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout"})
+    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
 
 
 def rng_state() -> dict:
@@ -65,7 +65,17 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """Builds the model, engine and data stream for ``config`` on the ranks of ``env``. A
     fine-tuning run (``run.stage: finetune``) starts from ``finetune.init_from``, unless it is
-    resuming its own checkpoint."""
+    resuming its own checkpoint.
+
+    Construction, in order, with the collectives each step makes on every rank:
+
+    1. data: the training stream (none; a dataset that does not fit is refused before any model work);
+    2. resume: rank 0 picks the checkpoint to resume, the others are told (a broadcast);
+    3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
+       and broadcast; ZeRO-3 partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets);
+    4. state: the checkpoint loaded (every rank reads its partition), then the client state;
+    5. tracking: rank 0 starts or resumes the MLflow run, the others learn its id (a broadcast).
+    """
 
     def __init__(self, config: Config, env: DistEnv):
         self.config, self.env = config, env
@@ -78,44 +88,62 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
-
         self.ds_config = build_deepspeed_config(config, env.world_size)
         self.device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
-        self.loader = self.build_loader()  # first: a dataset that does not fit is refused before any model work
-        resume = ckpt.agree_on_resume(config.train.resume, self.checkpoints.directory, model_signature(config),
-                                      env.world_size)
-        if resume is not None and resume.name.endswith(ckpt.UNIVERSAL):
-            self.ds_config["checkpoint"] = {"load_universal": True}
-
-        seed_everything(config.run.seed)  # the same initial weights on every rank
-        model = self.build_model(pretrained=config.finetune.init_from if config.run.stage == "finetune"
-                                 and resume is None else None)
-        optimizer = build_optimizer(model, config.optim, offload=config.deepspeed.offload_optimizer != "none",
-                                    device=self.device)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
         self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
-        seed_everything(config.run.seed + 1000 * env.rank)  # dropout and mixing differ per rank
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).to(self.device) for v in (config.data.mean, config.data.std))
+        self.agreement = StepAgreement(self.device)
 
-        self.total_steps = config.total_steps(self.loader.stream.samples_per_epoch)
-        if self.total_steps is None:
-            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
-        self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
-        self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
-        self.flops_per_image = train_flops_per_image(VitShape.from_config(config.model))
-        self.peak_tflops = config.train.device_peak_tflops or (
-            device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
-
-        run_id = None
-        if resume is not None:
-            state = self.checkpoints.load(self.engine, resume)
-            run_id = state.get("mlflow_run_id")
-            self.load_state_dict(state)
-            if self.is_main:
-                log.info("resumed from %s at step %d", resume, self.step)
+        self.loader = self.build_loader()
+        resume = self.agree_on_resume()
+        self.engine = self.build_engine(resume)
+        self.schedule()
+        run_id = self.resume(resume)
         self.tracker = self.start_tracking(run_id)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
 
     # -- construction -------------------------------------------------------------------------
+
+    def agree_on_resume(self) -> Path | None:
+        c = self.config
+        resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, model_signature(c), self.env.world_size)
+        if resume is not None and resume.name.endswith(ckpt.UNIVERSAL):
+            self.ds_config["checkpoint"] = {"load_universal": True}
+        return resume
+
+    def build_engine(self, resume: Path | None) -> deepspeed.DeepSpeedEngine:
+        c = self.config
+        seed_everything(c.run.seed)  # the same initial weights on every rank
+        model = self.build_model(pretrained=c.finetune.init_from if c.run.stage == "finetune" and resume is None else None)
+        optimizer = build_optimizer(model, c.optim, offload=c.deepspeed.offload_optimizer != "none", device=self.device)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        seed_everything(c.run.seed + 1000 * self.env.rank)  # dropout and mixing differ per rank
+        return engine
+
+    def schedule(self) -> None:
+        """Length, learning rate, batch mixing and the figures MFU needs (host only)."""
+        c = self.config
+        self.total_steps = c.total_steps(self.loader.stream.samples_per_epoch)
+        if self.total_steps is None:
+            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
+        self.peak_lr = peak_lr(c.optim, c.train.global_batch_size)
+        self.mixer = batch_mixer(c.data.mixup, c.data.cutmix, c.model.num_classes)
+        self.flops_per_image = train_flops_per_image(VitShape.from_config(c.model))
+        self.peak_tflops = c.train.device_peak_tflops or (
+            device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
+
+    def resume(self, resume: Path | None) -> str | None:
+        """Load the checkpoint and client state; the MLflow run id it names, if any."""
+        if resume is None:
+            return None
+        state = self.checkpoints.load(self.engine, resume)
+        self.load_state_dict(state)
+        if self.is_main:
+            log.info("resumed from %s at step %d", resume, self.step)
+        return state.get("mlflow_run_id")
 
     def build_model(self, pretrained: str | None) -> VisionTransformer:
         config = self.config
@@ -126,6 +154,8 @@ class Trainer:
             model.freeze_backbone()
         if config.deepspeed.activation_checkpointing:
             model.set_grad_checkpointing(config.deepspeed.checkpoint_every_n_blocks)
+        if config.model.compile:
+            model.compile_blocks()
         return model
 
     def build_loader(self) -> TrainLoader:
@@ -166,42 +196,54 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
 
     def train_step(self, batches: Iterator[dict], meter: Meter) -> bool:
-        """One optimizer step over the accumulation micro-batches. Returns whether any rank has
-        been asked to stop (a signal), agreed on by all ranks."""
+        """One optimizer step over the accumulation micro-batches, queued without a read from the
+        device: loss and accuracy add up on the device (:class:`Meter`), and the ranks' agreement
+        on a signal or a non-finite loss is read one step late (:class:`StepAgreement`).
+        Returns whether to stop, as all ranks agreed."""
         c = self.config
         lr = lr_at(self.step, c.optim, self.total_steps, self.peak_lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        stop, done = False, 0
-        while done < self.engine.gradient_accumulation_steps():
+        nonfinite = torch.zeros((), device=self.device)
+        for _ in range(self.engine.gradient_accumulation_steps()):
             with meter.timing_data():
                 batch = next(batches)
-            images = normalize(batch["images"].to(self.device, non_blocking=True), c.data.mean, c.data.std)
+            images = normalize(batch["images"].to(self.device, non_blocking=True), self.mean, self.std)
             labels = batch["labels"].to(self.device, non_blocking=True)
             targets = labels
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
             logits = self.engine(images.to(self.dtype)).float()
             loss = F.cross_entropy(logits, targets, label_smoothing=c.data.label_smoothing)
-            # One small all-reduce per micro-batch: all ranks agree on a signal and a bad loss.
-            flags = torch.stack([torch.tensor(float(signals.received() is not None), device=self.device),
-                                 (~torch.isfinite(loss.detach())).float()])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop |= bool(flags[0] > 0)
-            if flags[1] > 0:
-                self.bad_steps += 1
-                if self.bad_steps > c.train.max_bad_steps:
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (on at least one rank); the last "
-                                        f"checkpoint is intact. train.max_bad_steps={c.train.max_bad_steps} allows skipping some")
-                log.warning("non-finite loss at step %d: micro-batch skipped (%d of %d allowed)", self.step + 1,
-                            self.bad_steps, c.train.max_bad_steps)
-                continue
+            # A non-finite loss gives non-finite gradients: DeepSpeed skips that optimizer step
+            # (bf16.check_grad_overflow), on every rank, since the gradients are reduced.
             self.engine.backward(loss)
             self.engine.step()
-            done += 1
-            meter.add(loss.item(), (logits.argmax(-1) == labels).sum().item(), len(labels))
+            nonfinite += ~torch.isfinite(loss.detach())
+            meter.add(loss.detach(), logits.detach().argmax(-1) == labels, len(labels))
         self.step += 1
         self.lr = lr
+        previous = self.agreement.collect()
+        self.agreement.post(self.step, signals.received() is not None, nonfinite)
+        return self.act_on(previous)
+
+    def settle(self) -> bool:
+        """Read the agreement on the step just taken (before a checkpoint or at the end), so a
+        checkpoint never holds a step past the allowed non-finite ones."""
+        return self.act_on(self.agreement.collect())
+
+    def act_on(self, agreed: tuple[int, bool, bool] | None) -> bool:
+        if agreed is None:
+            return False
+        step, stop, nonfinite = agreed
+        if nonfinite:
+            self.bad_steps += 1
+            limit = self.config.train.max_bad_steps
+            if self.bad_steps > limit:
+                raise NonFiniteLoss(f"non-finite loss at step {step} (on at least one rank); the last checkpoint is "
+                                    f"intact. train.max_bad_steps={limit} allows skipping some")
+            log.warning("non-finite loss at step %d: its update was skipped (%d of %d allowed)", step,
+                        self.bad_steps, limit)
         return stop
 
     def train(self) -> int:
@@ -212,18 +254,20 @@ class Trainer:
         meter = Meter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
                    unit="step", dynamic_ncols=True)
-        status, saved_at = 0, self.step
+        status = 0
         try:
             while self.step < self.total_steps:
                 stop = self.train_step(batches, meter)
                 bar.update(1)
+                save = stop or self.step % c.checkpoint_every == 0 or self.step in (c.stop_at_step, self.total_steps)
+                if save:
+                    stop |= self.settle()
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     record = self.log_window(meter)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     img_s=f"{record['images_per_s']:.0f}")
-                if stop or self.step % c.checkpoint_every == 0 or self.step == c.stop_at_step:
+                if save:
                     self.save()
-                    saved_at = self.step
                 if stop:
                     log.warning("saved step %d after %s; exiting with %d for a requeue", self.step,
                                 signals.received() or "a signal on another rank", EXIT_PREEMPTED)
@@ -233,8 +277,6 @@ class Trainer:
                     break
                 if self.step == c.stop_at_step:
                     break
-            if saved_at != self.step:
-                self.save()
         finally:
             bar.close()
         return status
@@ -242,16 +284,17 @@ class Trainer:
     def log_window(self, meter: Meter) -> dict:
         """Reduce the window's figures over ranks, write one metrics line, reset the window."""
         elapsed, wait_frac = meter.window()
-        sums = torch.tensor([meter.loss_sum, meter.correct, meter.count, meter.steps, self.loader.skipped],
-                            dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device) if meter.sums is None else meter.sums
+        host = torch.tensor([meter.count, self.loader.skipped], dtype=torch.float64)
+        sums = torch.cat([sums, host.to(self.device)])
         dist.all_reduce(sums)
-        loss_sum, correct, images, micro_steps, skipped = sums.tolist()
+        loss_sum, correct, finite_steps, images, skipped = sums.tolist()
         images_per_s = images / elapsed
         tflops = images_per_s / self.env.world_size * self.flops_per_image / 1e12
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step,
-            "loss": loss_sum / max(micro_steps, 1),
+            "loss": loss_sum / finite_steps if finite_steps else float("nan"),
             "accuracy": correct / max(images, 1),
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,

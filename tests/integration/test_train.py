@@ -93,11 +93,16 @@ def test_checkpoint_of_another_model_is_refused(runs, tmp_path):
 
 @pytest.mark.parametrize("runs", [2], indirect=True, ids=["zero2"])
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(runs, tmp_path):
+    """Every loss non-finite from step 5: two steps skipped (max_bad_steps=2), without their
+    update; the third stops the run; the step-4 checkpoint is the only one, untouched."""
     work = copy_checkpoint(runs["resumed"], 4, tmp_path / "nan")
     result = run_deepspeed("launch/train.py", 2, *train_args(_shards_of(runs), tmp_path, "nan",
-                           "data.mean=[.nan, .nan, .nan]"), check=False)
+                           "data.mean=[.nan, .nan, .nan]", "train.max_bad_steps=2"), check=False)
+    logs = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "non-finite loss at step 5" in result.stdout + result.stderr
+    assert "non-finite loss at step 5: its update was skipped (1 of 2 allowed)" in logs
+    assert "non-finite loss at step 6: its update was skipped (2 of 2 allowed)" in logs
+    assert "non-finite loss at step 7 (on at least one rank)" in logs
     assert (work / "checkpoints/step00000004/complete.json").is_file()
     assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.startswith("step")) == ["step00000004"]
 
