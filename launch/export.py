@@ -28,18 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    from pipeline.model import create_vit
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.model import vit_from_config
     from pipeline.model.weights import export_safetensors
     from pipeline.train.checkpoint import read_marker
     from pipeline.train.consolidate import checkpoint_dir, consolidated_state_dict
 
     source = checkpoint_dir(args.checkpoint)
-    spec = read_marker(source)["model"]
-    model = create_vit(spec["variant"], num_classes=spec["num_classes"], image_size=spec["image_size"],
-                       global_pool=spec["global_pool"], class_token=spec["class_token"], qkv_bias=spec["qkv_bias"],
-                       pre_logits=spec["pre_logits"], layer_scale_init=spec["layer_scale_init"])
+    with torch.device("meta"):  # the model the marker records, built as training built it; no memory
+        model = vit_from_config(ModelConfig.model_validate(read_marker(source)["model"]))
     state = consolidated_state_dict(source)
-    model.load_state_dict(state, strict=True)  # the checkpoint is the model its marker says
+    model.load_state_dict(state, strict=True, assign=True)  # the checkpoint is the model its marker says
     out, config_path = export_safetensors(state, model, args.out)
     print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} parameters) and {config_path}: "
           f"{json.loads(config_path.read_text())}")
