@@ -6,7 +6,7 @@ DEEPSPEED := $(VENV)/bin/deepspeed
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast demo clean
+.PHONY: help install test test-fast demo gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 	@$(PY) -c "import json; r = json.load(open('runs/demo/demo-evaluate/report.json')); \
 	print(f\"\nDemo done: held-out top-1 {r['top1']:.4f} on {r['num_samples']} digits at 16 px.\")"
 	@echo "View the three runs:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+
+gpu-check: install  ## on a GPU machine: the pipeline on synthetic shards (ZeRO-1/2/3, compile), then benchmarks/train_step.py
+	$(PY) benchmarks/gpu_check.py --device cuda
 
 clean:  ## remove the virtual environment, demo outputs and caches
 	rm -rf $(VENV) runs data mlflow.db mlruns .pytest_cache *.egg-info

@@ -2,6 +2,7 @@
 """Write WebDataset shards from digits, an image folder or a CSV list; or check existing shards.
 
     python launch/make_shards.py --source digits --out data/digits
+    python launch/make_shards.py --source synthetic:4000x256 --out data/synthetic   # GPU checks, benchmarks
     python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512
     python launch/make_shards.py --check data/digits --world-size 16 --workers 8 --num-classes 10
 """
@@ -24,7 +25,7 @@ from pipeline.data.writer import DEFAULT_MAX_COUNT, write_shards  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--source", help="digits | imagefolder:PATH | list:FILE.csv (path,label rows)")
+    what.add_argument("--source", help="digits | synthetic:N[xSIDE] (generated JPEGs) | imagefolder:PATH | list:FILE.csv (path,label rows)")
     what.add_argument("--check", metavar="DIR", help="read every shard in DIR and report (preflight)")
     parser.add_argument("--out", help="output folder: DIR/{split}-NNNNNN.tar and DIR/{split}.json")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out as the val split (default 0.1)")

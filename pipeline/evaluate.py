@@ -44,21 +44,21 @@ class Tally:
         self.skipped = torch.zeros(1, dtype=torch.float64, device=device)
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        logits, labels = logits[mask].float(), labels[mask]
-        if not len(labels):
-            return
+        """Masked rows (padding, unreadable samples) weigh 0: no host read, no data-dependent shape."""
+        weight = mask.double()
+        logits, labels = logits.float(), torch.where(mask, labels, 0)  # padding is labelled -1
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
-        correct = (predicted == labels).double()
-        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).double()
-        self.sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), correct.sum(),
-                                  top5.sum(), torch.tensor(len(labels), dtype=torch.float64, device=self.device)])
+        correct = (predicted == labels).double() * weight
+        top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).double() * weight
+        loss = (F.cross_entropy(logits, labels, reduction="none").double() * weight).sum()
+        self.sums += torch.stack([loss, correct.sum(), top5.sum(), weight.sum()])
         self.per_class[0].index_add_(0, labels, correct)
-        self.per_class[1].index_add_(0, labels, torch.ones_like(correct))
+        self.per_class[1].index_add_(0, labels, weight)
         if self.confusion is not None:
-            self.confusion.index_put_((labels, predicted), torch.ones_like(correct), accumulate=True)
+            self.confusion.index_put_((labels, predicted), weight, accumulate=True)
         bin_index = (confidence.double() * ECE_BINS).long().clamp(max=ECE_BINS - 1)
-        for row, values in enumerate([torch.ones_like(correct), confidence.double(), correct]):
+        for row, values in enumerate([weight, confidence.double() * weight, correct]):
             self.bins[row].index_add_(0, bin_index, values)
 
     def all_reduce(self) -> None:

@@ -1,9 +1,10 @@
-"""Image sources for shard writing: scikit-learn's digits, an image folder, or a CSV list."""
+"""Image sources for shard writing: scikit-learn's digits, synthetic JPEGs, an image folder, or a CSV list."""
 
 from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,15 +33,18 @@ class Source:
 
 
 def open_source(spec: str) -> Source:
-    """``digits``, ``imagefolder:PATH`` or ``list:FILE.csv``."""
+    """``digits``, ``synthetic:N[xSIDE]``, ``imagefolder:PATH`` or ``list:FILE.csv``."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return digits_source()
+    if kind == "synthetic" and re.fullmatch(r"\d+(x\d+)?", arg):
+        count, _, side = arg.partition("x")
+        return synthetic_source(int(count), int(side or 64))
     if kind == "imagefolder" and arg:
         return imagefolder_source(Path(arg))
     if kind == "list" and arg:
         return list_source(Path(arg))
-    raise ValueError(f"unknown --source '{spec}': use digits, imagefolder:PATH or list:FILE.csv")
+    raise ValueError(f"unknown --source '{spec}': use digits, synthetic:N[xSIDE], imagefolder:PATH or list:FILE.csv")
 
 
 def digits_source() -> Source:
@@ -65,6 +69,27 @@ def digits_source() -> Source:
         for i, label in enumerate(digits.target)
     ]
     return Source(items, [str(c) for c in digits.target_names], "scikit-learn digits")
+
+
+def synthetic_source(count: int, side: int = 64, num_classes: int = 10) -> Source:
+    """``count`` JPEGs of ``side`` px, made from the seed alone (nothing to download): noise around
+    a per-class colour, so a model can learn them. For GPU checks and benchmarks."""
+    from PIL import Image
+
+    colours = np.random.default_rng(0).integers(40, 216, size=(num_classes, 3))
+
+    def reader(index: int, label: int) -> Callable[[], bytes]:
+        def read() -> bytes:
+            noise = np.random.default_rng(index).normal(0, 30, size=(side, side, 3))
+            buffer = io.BytesIO()
+            Image.fromarray(np.clip(colours[label] + noise, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+            return buffer.getvalue()
+
+        return read
+
+    items = [Item(f"synthetic-{i:07d}", i % num_classes, "jpg", reader(i, i % num_classes), f"synthetic[{i}]")
+             for i in range(count)]
+    return Source(items, [f"class{c}" for c in range(num_classes)], f"synthetic {count} x {side} px")
 
 
 def imagefolder_source(root: Path) -> Source:
