@@ -59,6 +59,8 @@ def init_process_group() -> None:
     import deepspeed
 
     deepspeed.init_distributed()
+    if deepspeed.get_accelerator().device_name() != "cpu":
+        return
     name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()

@@ -30,7 +30,6 @@ class Meter:
         self.data_wait = 0.0
         self.sums = None  # on the device: loss over finite micro-batches, correct, finite micro-batches
         self.count = 0  # images
-        self.steps = 0  # micro-batches
 
     @contextmanager
     def timing_data(self):
@@ -44,7 +43,6 @@ class Meter:
         sums = torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(), finite.double()])
         self.sums = sums if self.sums is None else self.sums + sums
         self.count += images
-        self.steps += 1
 
     def window(self) -> tuple[float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
