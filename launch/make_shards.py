@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Write WebDataset shards from digits, an image folder or a CSV list; or check existing shards.
+"""Write WebDataset shards from digits, an image folder or a CSV list; check existing shards, or index them.
 
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source synthetic:4000x256 --out data/synthetic   # GPU checks, benchmarks
     python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512
     python launch/make_shards.py --check data/digits --world-size 16 --workers 8 --num-classes 10
+    python launch/make_shards.py --index /data/img2dataset-out     # manifests for shards made elsewhere
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.data.preflight import preflight  # noqa: E402
 from pipeline.data.shards import shard_advice  # noqa: E402
 from pipeline.data.sources import open_source  # noqa: E402
-from pipeline.data.writer import DEFAULT_MAX_COUNT, write_shards  # noqa: E402
+from pipeline.data.writer import DEFAULT_MAX_COUNT, index_shards, write_shards  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--source", help="digits | synthetic:N[xSIDE] (generated JPEGs) | imagefolder:PATH | list:FILE.csv (path,label rows)")
     what.add_argument("--check", metavar="DIR", help="read every shard in DIR and report (preflight)")
+    what.add_argument("--index", metavar="DIR", help="write DIR/{split}.json for shards made elsewhere, from tar headers")
+    parser.add_argument("--split", help="--index: the split of every shard in DIR (default: the name up to its first '-')")
     parser.add_argument("--out", help="output folder: DIR/{split}-NNNNNN.tar and DIR/{split}.json")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out as the val split (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
@@ -47,6 +50,16 @@ def main(argv: list[str] | None = None) -> int:
                                num_classes=args.num_classes)
         print(report)
         return 0 if ok else 1
+    if args.index:
+        try:
+            manifests = index_shards(args.index, args.split, progress=not args.quiet)
+        except (OSError, ValueError) as e:
+            print(f"make_shards.py --index: {e}", file=sys.stderr)
+            return 1
+        for split, manifest in manifests.items():
+            print(f"{split}: {manifest['num_samples']} samples, {manifest['num_classes']} classes in "
+                  f"{len(manifest['shards'])} shards -> {Path(args.index) / (split + '.json')}")
+        return 0
     if not args.out:
         parser.error("--source needs --out")
     manifests = write_shards(

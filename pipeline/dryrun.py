@@ -181,7 +181,7 @@ def _check_train_streams(config: Config, shards: ShardSet, world: int, report: R
     streams = world * max(config.data.num_workers, 1)
     if config.data.samples_per_epoch is None and shards.num_samples is None:
         report.problems.append(f"data.samples_per_epoch: unknown for {config.data.train_shards} (no manifest): set it, "
-                               "or point data.train_shards at a manifest")
+                               "or point data.train_shards at a manifest (make_shards.py --index DIR writes one)")
     elif config.data.samples_per_epoch and shards.num_samples and config.data.samples_per_epoch != shards.num_samples:
         report.warnings.append(f"data.samples_per_epoch={config.data.samples_per_epoch:,}, but the manifest holds "
                                f"{shards.num_samples:,} samples: epochs (and train.epochs) count the former")

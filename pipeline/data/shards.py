@@ -102,22 +102,44 @@ def check_exist(shards: ShardSet) -> None:
 # Tar headers: samples found without reading their payloads
 
 
-def sample_offsets(path: str) -> Iterator[int]:
-    """The byte offset of each sample's first tar header in a local shard, found by walking the
-    headers alone: tarfile's random-access mode seeks past every payload, so no image byte is
-    read. Samples are grouped as webdataset groups them: consecutive regular files sharing a
-    key, metadata entries (``__name__``) left out."""
-    previous = None
+def _sample_members(path: str) -> Iterator[tuple[tarfile.TarInfo, str, str, tarfile.TarFile]]:
+    """(member, key, extension, tar) for each file of each sample of a local shard, found by
+    walking the headers alone: tarfile's random-access mode seeks past every payload, so no
+    payload is read unless the caller extracts one. Files are grouped as webdataset groups them:
+    consecutive regular files sharing a key, metadata entries (``__name__``) left out."""
     with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         while (member := tar.next()) is not None:
             name = member.name
-            if not member.isreg() or re.match(r"__[^/]*__($|/)", name):
-                continue
-            key, _ = wds.tariterators.base_plus_ext(name)
-            if key is not None and key != previous:
-                previous = key
-                yield member.offset
+            if member.isreg() and not re.match(r"__[^/]*__($|/)", name):
+                key, ext = wds.tariterators.base_plus_ext(name)
+                if key is not None:
+                    yield member, key, ext, tar
             tar.members = []  # keep no list of headers (a shard may hold 100,000 members)
+
+
+def sample_offsets(path: str) -> Iterator[int]:
+    """The byte offset of each sample's first tar header in a local shard (headers only)."""
+    previous = None
+    for member, key, _, _ in _sample_members(path):
+        if key != previous:
+            previous = key
+            yield member.offset
+
+
+def index_shard(path: str) -> tuple[int, set[int]]:
+    """Samples in a local shard and the labels its ``.cls`` files hold: tar headers, plus the few
+    bytes of each ``.cls``; no image byte is read."""
+    count, labels, previous = 0, set(), None
+    for member, key, ext, tar in _sample_members(path):
+        if key != previous:
+            previous, count = key, count + 1
+        if ext == "cls":
+            text = tar.extractfile(member).read().strip()
+            try:
+                labels.add(int(text))
+            except ValueError:
+                raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not a class index") from None
+    return count, labels
 
 
 class _Range:

@@ -109,7 +109,8 @@ class TrainStream(IterableDataset):
     ):
         samples_per_epoch = samples_per_epoch or shards.num_samples
         if not samples_per_epoch:
-            raise ValueError(f"samples_per_epoch is unknown for '{shards.spec}': give a manifest or data.samples_per_epoch")
+            raise ValueError(f"samples_per_epoch is unknown for '{shards.spec}': give a manifest (make_shards.py "
+                             f"--index DIR writes one from the tar headers) or data.samples_per_epoch")
         self.urls = shards.urls
         self.expected = dict(zip(shards.urls, shards.counts)) if shards.counts is not None else {}
         self.transform = transform

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline.data.shards import DEFAULT_MAX_COUNT
+from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard
 from pipeline.data.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,49 @@ def write_split(
         "source": source,
         "skipped": skipped,
     }
-    (out_dir / f"{split}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_manifest(out_dir, manifest)
     return manifest
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = out_dir / f"{manifest['split']}.json"
+    path.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def index_shards(directory: str | Path, split: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """Write ``DIR/{split}.json`` for the ``*.tar`` shards of ``directory`` that have no manifest
+    (made by img2dataset or earlier WebDataset jobs), from their tar headers and ``.cls`` files
+    alone: no image byte is read. The split is the file name up to its first '-'
+    (``train-000123.tar``), or ``split`` for all of them. Classes are the label indices found
+    (names unknown). Returns the manifests written; a split that has one already is left as it is."""
+    directory = Path(directory)
+    tars = sorted(directory.glob("*.tar"))
+    if not tars:
+        raise FileNotFoundError(f"no .tar shards in '{directory}'")
+    groups: dict[str, list[Path]] = {}
+    for tar in tars:
+        name = split or (tar.name.split("-", 1)[0] if "-" in tar.name else None)
+        if not name:
+            raise ValueError(f"cannot tell the split of '{tar}': name shards SPLIT-NNNNNN.tar, or pass --split")
+        groups.setdefault(name, []).append(tar)
+    written = {}
+    for name, files in groups.items():
+        if (directory / f"{name}.json").exists():
+            log.warning("%s has a manifest already: left as it is", directory / f"{name}.json")
+            continue
+        shards, labels = [], set()
+        for tar in tqdm(files, desc=f"index {name}", unit="shard", disable=not progress):
+            count, found = index_shard(str(tar))
+            shards.append({"url": tar.name, "num_samples": count, "num_bytes": tar.stat().st_size})
+            labels |= found
+        num_classes = max(labels) + 1 if labels else 0
+        manifest = {"split": name, "num_samples": sum(s["num_samples"] for s in shards), "num_classes": num_classes,
+                    "classes": [str(i) for i in range(num_classes)], "shards": shards,
+                    "source": f"indexed from the tar headers of {directory}", "skipped": []}
+        write_manifest(directory, manifest)
+        written[name] = manifest
+    return written
 
 
 def write_shards(

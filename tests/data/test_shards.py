@@ -11,8 +11,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.data import resolve_shards
+from pipeline.data.preflight import preflight
 from pipeline.data.sources import digits_source, open_source
-from pipeline.data.writer import split_items, write_shards
+from pipeline.data.writer import index_shards, split_items, write_shards
 
 from .conftest import jpeg_bytes
 
@@ -161,3 +162,40 @@ def test_preflight_reports_labels_outside_the_classes(tmp_path, make_shards):
     assert "unreadable or out of range: 2" in result.stdout
     assert f"key={keys[5]}: label 5 outside [0, 5)" in result.stdout and f"key={keys[6]}" in result.stdout
     assert "8 streams" in result.stdout and "a count that suits them: 8 shards" in result.stdout
+
+
+def test_index_writes_the_manifest_the_writer_wrote(tmp_path):
+    """Shards without a manifest (as img2dataset leaves them): --index counts samples and classes
+    from the tar headers and .cls files, equal to what the writer recorded; training opens them."""
+    written = write_shards(digits_source(), tmp_path, val_fraction=0.2, max_count=150, progress=False)
+    for split in written:
+        (tmp_path / f"{split}.json").unlink()
+    result = subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--index", str(tmp_path), "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for split, ours in written.items():
+        indexed = json.loads((tmp_path / f"{split}.json").read_text())
+        assert indexed["num_samples"] == ours["num_samples"] and indexed["num_classes"] == ours["num_classes"] == 10
+        assert [(s["url"], s["num_samples"], s["num_bytes"]) for s in indexed["shards"]] == \
+            [(s["url"], s["num_samples"], s["num_bytes"]) for s in ours["shards"]]
+        assert f"{split}: {ours['num_samples']} samples, 10 classes" in result.stdout
+        assert resolve_shards(str(tmp_path / f"{split}.json")).num_samples == ours["num_samples"]
+    ok, report = preflight(tmp_path, progress=False, num_classes=10)
+    assert ok, report
+    again = subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--index", str(tmp_path)],
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "has a manifest already" in again.stderr
+
+
+def test_index_takes_a_split_and_names_what_it_cannot_read(tmp_path, make_shards):
+    make_shards([3, 2], name="part")
+    manifests = index_shards(tmp_path, split="val", progress=False)
+    assert manifests["val"]["num_samples"] == 5 and (tmp_path / "val.json").is_file()
+    manifests = index_shards(tmp_path, progress=False)  # the split from the file names
+    assert manifests["part"]["num_samples"] == 5 and manifests["part"]["num_classes"] == 5
+    with wds.TarWriter(str(tmp_path / "bad-000000.tar"), mtime=0) as sink:
+        sink.write({"__key__": "x", "jpg": b"not read", "cls": b"cat"})
+    with pytest.raises(ValueError, match=r"bad-000000.tar: x.cls holds b'cat', not a class index"):
+        index_shards(tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        index_shards(tmp_path / "empty", progress=False)

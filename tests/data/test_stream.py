@@ -101,7 +101,7 @@ def test_truncated_shard_is_reported_and_training_goes_on(make_shards, caplog):
 
 def test_no_samples_per_epoch_is_a_clear_error(make_shards):
     spec, _ = make_shards([4])
-    with pytest.raises(ValueError, match="samples_per_epoch is unknown"):
+    with pytest.raises(ValueError, match=r"samples_per_epoch is unknown.*make_shards.py --index DIR"):
         train_loader(spec)
 
 
