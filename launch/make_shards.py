@@ -3,7 +3,7 @@
 
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source synthetic:4000x256 --out data/synthetic   # GPU checks, benchmarks
-    python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512
+    python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512 --procs 32
     python launch/make_shards.py --check data/digits --world-size 16 --workers 8 --num-classes 10
     python launch/make_shards.py --index /data/img2dataset-out     # manifests for shards made elsewhere
 """
@@ -41,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
                         "that suits them is printed")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank (data.num_workers)")
     parser.add_argument("--num-classes", type=int, help="--check: report labels outside [0, K) (model.num_classes)")
+    parser.add_argument("--procs", type=int, default=1, help="processes that decode, re-encode or check images "
+                        "(default 1); the output is the same for any number")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     if args.check:
         ok, report = preflight(args.check, args.world_size, args.workers, progress=not args.quiet,
-                               num_classes=args.num_classes)
+                               num_classes=args.num_classes, procs=args.procs)
         print(report)
         return 0 if ok else 1
     if args.index:
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = write_shards(
         open_source(args.source), args.out, val_fraction=args.val_fraction, seed=args.seed,
         max_count=args.max_count, max_bytes=args.max_bytes, max_side=args.max_side, progress=not args.quiet,
+        procs=args.procs,
     )
     for split, manifest in manifests.items():
         skipped = f", {len(manifest['skipped'])} unreadable inputs skipped" if manifest["skipped"] else ""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import webdataset as wds
@@ -29,36 +32,52 @@ class SplitReport:
         return not self.unreadable and self.samples == self.expected
 
 
-def check_split(manifest_path: Path, progress: bool = True, num_classes: int | None = None) -> SplitReport:
+def check_shard(url: str, num_classes: int | None = None) -> tuple[int, Counter, list[tuple[str, str, str]]]:
+    """Read and decode every sample of one shard: (samples, label histogram, unreadable)."""
+    samples, histogram, unreadable, key = 0, Counter(), [], None
+    try:
+        for sample in wds.tarfile_samples([{"url": url}]):
+            key = sample.get("__key__")
+            samples += 1
+            try:
+                _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None, num_classes)
+                histogram[label] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                unreadable.append((url, key, str(e)))
+    except Exception as e:  # noqa: BLE001
+        unreadable.append((url, f"after {key}", f"unreadable tar: {e}"))
+    return samples, histogram, unreadable
+
+
+def check_split(manifest_path: Path, progress: bool = True, num_classes: int | None = None, procs: int = 1) -> SplitReport:
+    """Every shard of one split, in ``procs`` processes; shards are merged in order, so the report
+    is the same for any ``procs``."""
     shards = resolve_shards(str(manifest_path))
     report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0)
-    for url in tqdm(shards.urls, desc=f"check {report.split}", unit="shard", disable=not progress):
-        key = None
-        try:
-            for sample in wds.tarfile_samples([{"url": url}]):
-                key = sample.get("__key__")
-                report.samples += 1
-                try:
-                    _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None, num_classes)
-                    report.histogram[label] += 1
-                except Exception as e:  # noqa: BLE001 - every failure is reported
-                    report.unreadable.append((url, key, str(e)))
-        except Exception as e:  # noqa: BLE001
-            report.unreadable.append((url, f"after {key}", f"unreadable tar: {e}"))
+    check = partial(check_shard, num_classes=num_classes)
+    with ExitStack() as stack:
+        results = map(check, shards.urls)
+        if procs > 1:
+            results = stack.enter_context(multiprocessing.get_context("fork").Pool(procs)).imap(check, shards.urls)
+        for samples, histogram, unreadable in tqdm(results, total=len(shards.urls), desc=f"check {report.split}",
+                                                   unit="shard", disable=not progress):
+            report.samples += samples
+            report.histogram.update(histogram)
+            report.unreadable += unreadable
     return report
 
 
 def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, progress: bool = True,
-              num_classes: int | None = None) -> tuple[bool, str]:
-    """Check every ``{split}.json`` in ``directory``; with ``num_classes``, a label outside
-    ``[0, num_classes)`` is a bad sample. Returns (ok, a readable report)."""
+              num_classes: int | None = None, procs: int = 1) -> tuple[bool, str]:
+    """Check every ``{split}.json`` in ``directory`` with ``procs`` processes; with ``num_classes``,
+    a label outside ``[0, num_classes)`` is a bad sample. Returns (ok, a readable report)."""
     directory = Path(directory)
     manifests = sorted(directory.glob("*.json"))
     if not manifests:
         return False, f"no shard manifests (*.json) in '{directory}'"
     lines, ok = [], True
     for path in manifests:
-        report = check_split(path, progress, num_classes)
+        report = check_split(path, progress, num_classes, procs)
         classes = json.loads(path.read_text()).get("classes", [])
         ok &= report.ok
         lines.append(f"{report.split}: {report.samples:,} samples in {report.shards} shards "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import random
+from contextlib import ExitStack
 from pathlib import Path
 
 import webdataset as wds
@@ -57,6 +60,22 @@ def reencode(data: bytes, ext: str, max_side: int) -> tuple[bytes, str]:
         return out.getvalue(), "jpg"
 
 
+_JOB: tuple[list[Item], int | None] | None = None  # (items, max_side), inherited by forked workers
+
+
+def _prepare(index: int) -> tuple[bytes, str] | str:
+    """Item ``index``'s bytes, re-encoded if too large: (data, ext), or why it is unreadable."""
+    items, max_side = _JOB
+    item = items[index]
+    try:
+        data, ext = item.read(), item.ext
+        if not data:
+            raise ValueError("empty file")
+        return reencode(data, ext, max_side) if max_side else (data, ext)
+    except Exception as e:  # noqa: BLE001 - any unreadable input is reported and skipped
+        return str(e)
+
+
 def write_split(
     items: list[Item],
     out_dir: Path,
@@ -68,41 +87,68 @@ def write_split(
     max_side: int | None = None,
     source: str = "",
     progress: bool = True,
+    procs: int = 1,
 ) -> dict:
     """Write one split's shards and manifest; returns the manifest. Unreadable inputs are skipped
-    and listed in the manifest under ``skipped``."""
+    and listed in the manifest under ``skipped``.
+
+    ``procs`` processes read and re-encode the items, in order, while this one writes: the output
+    is byte-identical for any ``procs``. Each completed shard is recorded in
+    ``DIR/.{split}.progress.json``; the same call after a crash resumes after the last completed
+    shard (the items before it are not read again)."""
+    global _JOB
     out_dir.mkdir(parents=True, exist_ok=True)
+    progress_path = out_dir / f".{split}.progress.json"
+    fingerprint = hashlib.sha256(json.dumps([split, [i.key for i in items], max_count, max_bytes, max_side]).encode()).hexdigest()
     counts: dict[str, int] = {}
-    skipped = []
+    skipped: list[dict] = []
+    start = 0
+    if progress_path.exists():
+        saved = json.loads(progress_path.read_text())
+        if saved["fingerprint"] == fingerprint:
+            counts, skipped, start = saved["counts"], saved["skipped"], saved["next"]
+            log.warning("%s: resuming after %d complete shards (%d of %d items done)", split, len(counts), start, len(items))
+        else:
+            log.warning("%s: %s is from other arguments: starting over", split, progress_path)
+    for stale in out_dir.glob(f"{split}-*.tar"):
+        if stale.name not in counts:
+            stale.unlink()
     # The shard is rolled over here, on true tar sizes: ShardWriter's maxsize counts payload bytes
     # only, and for small images the 512-byte tar headers and padding are most of the file.
     writer = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=float("inf"), maxsize=float("inf"), verbose=0,
-                             mtime=0)  # a fixed integer mtime: reproducible shards, no PAX header per member
+                             mtime=0,  # a fixed integer mtime: reproducible shards, no PAX header per member
+                             start_shard=len(counts))
     shard_bytes = TAR_END
-    try:
-        for item in tqdm(items, desc=f"{split} shards", unit="img", disable=not progress):
-            try:
-                data, ext = item.read(), item.ext
-                if not data:
-                    raise ValueError("empty file")
-                if max_side:
-                    data, ext = reencode(data, ext, max_side)
-            except Exception as e:  # noqa: BLE001 - any unreadable input is reported and skipped
-                log.warning("skipping %s: %s", item.origin, e)
-                skipped.append({"origin": item.origin, "error": str(e)})
+    _JOB = (items, max_side)
+    with ExitStack() as stack:
+        prepared = map(_prepare, range(start, len(items)))
+        if procs > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(procs))
+            prepared = pool.imap(_prepare, range(start, len(items)), chunksize=8)
+        stack.callback(writer.close)
+        bar = stack.enter_context(tqdm(total=len(items), initial=start, desc=f"{split} shards", unit="img",
+                                       disable=not progress))
+        for index, result in enumerate(prepared, start):
+            bar.update(1)
+            item = items[index]
+            if isinstance(result, str):
+                log.warning("skipping %s: %s", item.origin, result)
+                skipped.append({"origin": item.origin, "error": result})
                 continue
+            data, ext = result
             sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
             size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
             too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
             if writer.count and (writer.count >= max_count or too_big):
-                writer.next_stream()
+                writer.next_stream()  # closes the shard: record it as complete
+                progress_path.write_text(json.dumps({"fingerprint": fingerprint, "next": index, "counts": counts,
+                                                     "skipped": skipped}))
                 shard_bytes = TAR_END
             writer.write(sample)
             shard_bytes += size
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
-    finally:
-        writer.close()
+    _JOB = None
     manifest = {
         "split": split,
         "num_samples": sum(counts.values()),
@@ -115,6 +161,7 @@ def write_split(
         "skipped": skipped,
     }
     write_manifest(out_dir, manifest)
+    progress_path.unlink(missing_ok=True)
     return manifest
 
 
@@ -169,13 +216,14 @@ def write_shards(
     max_bytes: float = 1e9,
     max_side: int | None = None,
     progress: bool = True,
+    procs: int = 1,
 ) -> dict[str, dict]:
     """Split ``source`` and write each split's shards under ``out_dir``; returns the manifests."""
     out_dir = Path(out_dir)
     return {
         split: write_split(
             items, out_dir, split, source.classes, max_count=max_count, max_bytes=max_bytes,
-            max_side=max_side, source=source.description, progress=progress,
+            max_side=max_side, source=source.description, progress=progress, procs=procs,
         )
         for split, items in split_items(source.items, val_fraction, seed).items()
     }

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -12,8 +13,8 @@ from PIL import Image
 
 from pipeline.data import resolve_shards
 from pipeline.data.preflight import preflight
-from pipeline.data.sources import digits_source, open_source
-from pipeline.data.writer import index_shards, split_items, write_shards
+from pipeline.data.sources import digits_source, open_source, synthetic_source
+from pipeline.data.writer import index_shards, split_items, write_shards, write_split
 
 from .conftest import jpeg_bytes
 
@@ -199,3 +200,42 @@ def test_index_takes_a_split_and_names_what_it_cannot_read(tmp_path, make_shards
         index_shards(tmp_path, progress=False)
     with pytest.raises(FileNotFoundError, match="no .tar shards"):
         index_shards(tmp_path / "empty", progress=False)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_procs_give_byte_identical_shards_and_preflight(tmp_path):
+    source = synthetic_source(90, side=96)  # re-encoded: --max-side 64
+    for procs in (1, 2):
+        write_shards(source, tmp_path / f"p{procs}", val_fraction=0.2, max_count=16, max_side=64, progress=False,
+                     procs=procs)
+    assert _files(tmp_path / "p1") == _files(tmp_path / "p2") and len(_files(tmp_path / "p1")) == 9  # 5 + 2 shards, 2 manifests
+    reports = [preflight(tmp_path / "p1", progress=False, num_classes=10, procs=procs) for procs in (1, 2)]
+    assert reports[0] == reports[1] and reports[0][0]
+
+
+def test_a_crashed_split_resumes_after_its_complete_shards(tmp_path):
+    source = synthetic_source(60, side=32)
+    write_split(source.items, tmp_path / "whole", "train", source.classes, max_count=10, progress=False)
+
+    def crash():
+        raise KeyboardInterrupt
+
+    crashing = [dataclasses.replace(item, read=crash) if i == 35 else item for i, item in enumerate(source.items)]
+    with pytest.raises(KeyboardInterrupt):
+        write_split(crashing, tmp_path / "resumed", "train", source.classes, max_count=10, progress=False)
+    assert json.loads((tmp_path / "resumed/.train.progress.json").read_text())["next"] == 30
+    reads = []
+
+    def counted(item):
+        def read():
+            reads.append(item.key)
+            return item.read()
+        return dataclasses.replace(item, read=read)
+
+    write_split([counted(i) for i in source.items], tmp_path / "resumed", "train", source.classes, max_count=10,
+                progress=False)
+    assert reads == [item.key for item in source.items[30:]], "items of complete shards were read again"
+    assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
