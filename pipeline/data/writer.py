@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import random
 from contextlib import ExitStack
 from pathlib import Path
@@ -99,7 +100,10 @@ def write_split(
     global _JOB
     out_dir.mkdir(parents=True, exist_ok=True)
     progress_path = out_dir / f".{split}.progress.json"
-    fingerprint = hashlib.sha256(json.dumps([split, [i.key for i in items], max_count, max_bytes, max_side]).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([split, max_count, max_bytes, max_side]).encode())
+    for item in items:  # one key at a time: a split may hold millions
+        digest.update(item.key.encode() + b"\0")
+    fingerprint = digest.hexdigest()
     counts: dict[str, int] = {}
     skipped: list[dict] = []
     start = 0
@@ -141,8 +145,10 @@ def write_split(
             too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
             if writer.count and (writer.count >= max_count or too_big):
                 writer.next_stream()  # closes the shard: record it as complete
-                progress_path.write_text(json.dumps({"fingerprint": fingerprint, "next": index, "counts": counts,
-                                                     "skipped": skipped}))
+                partial = progress_path.with_suffix(".tmp")  # replaced whole: a crash mid-write keeps the last one
+                partial.write_text(json.dumps({"fingerprint": fingerprint, "next": index, "counts": counts,
+                                               "skipped": skipped}))
+                os.replace(partial, progress_path)
                 shard_bytes = TAR_END
             writer.write(sample)
             shard_bytes += size
