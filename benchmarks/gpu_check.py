@@ -30,6 +30,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline.train.distributed import free_port  # noqa: E402
 
 
 def launch(script: str, ranks: int, config: str, overrides: list[str], env: dict, log: Path) -> tuple[int, float]:
@@ -39,14 +42,6 @@ def launch(script: str, ranks: int, config: str, overrides: list[str], env: dict
                                str(ROOT / script), "--config", str(ROOT / config), *overrides],
                               cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     return code, time.time() - start
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def last_metrics(run_dir: Path) -> dict:

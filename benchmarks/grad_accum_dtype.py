@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,12 +26,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.train.distributed import free_port  # noqa: E402
+
 
 def train(shards: Path, out: Path, name: str, steps: int, *overrides: str) -> Path:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(ROOT / "launch/train.py"), "--config", str(ROOT / "configs/demo/pretrain.yaml"),
            f"run.output_dir={out}", f"run.name={name}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
            f"data.train_shards={shards}/train.json", "data.num_workers=1", "model.drop_path_rate=0.0",

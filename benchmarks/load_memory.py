@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -28,6 +27,8 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pipeline.train.distributed import free_port  # noqa: E402
 
 
 def status(field: str) -> int:
@@ -87,10 +88,7 @@ def main() -> int:
         model = vit_from_config(ModelConfig(variant=args.variant, image_size=224, num_classes=1000)).init_weights()
         source, _ = export_safetensors(model.state_dict(), model, Path(tmp) / "weights.safetensors")
         del model
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(worker, args=(port, args.variant, str(source), tmp), nprocs=2, join=True)
+        mp.spawn(worker, args=(free_port(), args.variant, str(source), tmp), nprocs=2, join=True)
         rows = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in (0, 1)]
     print(f"{'rank':>4}  {'anonymous peak':>14}  {'copies':>6}  {'resident peak (with mapped file)':>32}  {'copies':>6}")
     for r in rows:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from pipeline.flops import (  # noqa: E402
 )
 from pipeline.model import create_vit  # noqa: E402
 from pipeline.model.weights import timm_config  # noqa: E402
+from pipeline.train.distributed import free_port  # noqa: E402
 
 
 def both_models(variant: str, image_size: int, num_classes: int):
@@ -86,10 +86,7 @@ def cpu_benchmark(args) -> dict:
 def cuda_benchmark(args) -> dict:
     import deepspeed
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed()
     device_name = torch.cuda.get_device_name()
     peak = device_peak_tflops(device_name)

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,12 +54,10 @@ CUDA_CASES = [("L/16", 224), ("H/14", 224), ("H/14", 448)]
 
 def setup_distributed():
     """One process without a launcher, or the ranks a launcher started."""
-    from pipeline.train.distributed import discover, init_process_group
+    from pipeline.train.distributed import discover, free_port, init_process_group
 
-    if "RANK" not in os.environ:
-        with socket.socket() as s:  # a free port for the one-rank group
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    if "RANK" not in os.environ:  # one rank, on a free port
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env = discover()
     init_process_group()
     return env

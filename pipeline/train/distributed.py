@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,13 @@ def discover(local_rank_arg: int | None = None) -> DistEnv:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     return DistEnv(0, 1, 0, "single")
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT of a local process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_process_group() -> None:

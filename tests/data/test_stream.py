@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.data import EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards
+from pipeline.train.distributed import free_port
 
 
 def train_loader(spec, num_workers=0, batch_size=4, counts=None, **kw):
@@ -174,14 +175,11 @@ def _eval_worker(rank, world_size, spec, out_dir):
 
 
 def test_eval_exact_on_two_processes(make_shards, tmp_path):
-    import socket
 
     import torch.multiprocessing as mp
 
     spec, keys = make_shards([7, 2, 12])  # 3 uneven shards
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["TEST_EVAL_PORT"] = str(s.getsockname()[1])
+    os.environ["TEST_EVAL_PORT"] = str(free_port())
     mp.spawn(_eval_worker, args=(2, spec, str(tmp_path)), nprocs=2, join=True)
     gathered = torch.load(tmp_path / "result.pt")
     assert gathered[0][1] == gathered[1][1]  # same number of batches on both ranks

@@ -4,7 +4,6 @@ the filesystem, and must still end up with rank 0's answer."""
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.model import vit_from_config  # noqa: E402
 from pipeline.model.weights import export_safetensors  # noqa: E402
 from pipeline.train.checkpoint import COMPLETE, tag_for  # noqa: E402
+from pipeline.train.distributed import free_port  # noqa: E402
 
 MODEL = {"variant": "mu/2", "image_size": 8, "num_classes": 10}
 
@@ -30,10 +30,7 @@ def _init(rank: int, port: int) -> None:
 
 
 def _spawn(fn, *args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(fn, args=(port, *args), nprocs=2, join=True)
+    mp.spawn(fn, args=(free_port(), *args), nprocs=2, join=True)
 
 
 def _weights_worker(rank, port, good, out_dir):
