@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data import normalize  # noqa: E402
+from pipeline.data import Normalize  # noqa: E402
 from pipeline.data.sources import synthetic_source  # noqa: E402
 from pipeline.data.writer import write_split  # noqa: E402
 from pipeline.flops import VitShape, activation_bytes_per_image, model_state_bytes, train_flops_per_image  # noqa: E402
@@ -145,12 +145,12 @@ class BareCase:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                            weight_decay=o.weight_decay, fused=device.type == "cuda")
         self.device, self.clip = device, o.clip_grad
-        self.mean, self.std = (torch.tensor(v).to(device) for v in (config.data.mean, config.data.std))
+        self.normalize = Normalize(config.data.mean, config.data.std, device)
         self.data = itertools.cycle(data)
 
     def step(self) -> None:
         batch = next(self.data)
-        images = normalize(batch["images"].to(self.device, non_blocking=True), self.mean, self.std)
+        images = self.normalize(batch["images"].to(self.device, non_blocking=True))
         labels = batch["labels"].to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(self.model(images).float(), labels)

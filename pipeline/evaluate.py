@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import EvalStream, EvalTransform, eval_batches, normalize, resolve_shards
+from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, resolve_shards
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
@@ -116,7 +116,7 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
                         rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
                         image_size=c.model.image_size, num_classes=c.model.num_classes)
     tally = Tally(c.model.num_classes, device)
-    mean, std = (torch.tensor(v, dtype=torch.float32).to(device) for v in (c.data.mean, c.data.std))
+    normalize = Normalize(c.data.mean, c.data.std, device)
     agreement = StepAgreement(device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -132,7 +132,7 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
             tally.skipped += batch["skipped"].to(device, non_blocking=True)
             if not zero3 and not batch["mask"].any():
                 continue  # a padding batch: only ZeRO-3 needs every rank's forward
-            images = normalize(batch["images"].to(device, non_blocking=True), mean, std).to(dtype)
+            images = normalize(batch["images"].to(device, non_blocking=True)).to(dtype)
             tally.add(model(images), batch["labels"].to(device, non_blocking=True), mask)
     elapsed = time.perf_counter() - start
     tally.all_reduce()

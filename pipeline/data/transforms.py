@@ -5,7 +5,7 @@ the target size, libjpeg decodes at the smallest DCT scale (1/2, 1/4, 1/8) that 
 (PIL ``draft``); otherwise torchvision's decoder runs and only the box is resampled. The box
 distribution is exactly RandomResizedCrop's.
 Transforms take encoded bytes and a ``random.Random`` and return a uint8 tensor (3, S, S);
-normalisation happens on the device (:func:`normalize`).
+normalisation happens on the device (:class:`Normalize`).
 """
 
 from __future__ import annotations
@@ -187,11 +187,16 @@ def baseline_train_transform(size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     return transform
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (b, 3, H, W) on any device -> float32 normalised; mean and std on a 0-1 scale."""
-    mean = torch.as_tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std = torch.as_tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (images.float() - mean) / std
+class Normalize:
+    """uint8 (b, 3, H, W) on ``device`` -> float32 normalised; mean and std on a 0-1 scale, put
+    on the device once (a loop that normalises each batch copies nothing from the host)."""
+
+    def __init__(self, mean, std, device: torch.device | str = "cpu"):
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).mul(255).to(device)
+                               for v in (mean, std))
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
 
 def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> Callable | None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import TrainLoader, TrainStream, TrainTransform, batch_mixer, normalize, resolve_shards
+from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
@@ -94,7 +94,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
-        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).to(self.device) for v in (config.data.mean, config.data.std))
+        self.normalize = Normalize(config.data.mean, config.data.std, self.device)
         self.agreement = StepAgreement(self.device)
 
         self.loader = self.build_loader()
@@ -208,7 +208,7 @@ class Trainer:
         for _ in range(self.engine.gradient_accumulation_steps()):
             with meter.timing_data():
                 batch = next(batches)
-            images = normalize(batch["images"].to(self.device, non_blocking=True), self.mean, self.std)
+            images = self.normalize(batch["images"].to(self.device, non_blocking=True))
             labels = batch["labels"].to(self.device, non_blocking=True)
             targets = labels
             if self.mixer is not None:

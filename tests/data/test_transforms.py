@@ -9,7 +9,7 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop, v2
 
 from pipeline.data.transforms import (
-    EvalTransform, TrainTransform, baseline_train_transform, batch_mixer, crop_resize, decode_rgb, normalize,
+    EvalTransform, TrainTransform, baseline_train_transform, batch_mixer, crop_resize, decode_rgb, Normalize,
     open_image, sample_crop_box, to_rgb,
 )
 
@@ -147,7 +147,7 @@ def test_baseline_transform_shape():
 
 def test_normalize_and_mixing():
     images = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 1, 2).expand(2, 3, 1, 2).contiguous()
-    out = normalize(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(images)
     torch.testing.assert_close(out[0, :, 0], torch.tensor([[-1.0, 1.0]] * 3))
     mixer = batch_mixer(0.8, 1.0, num_classes=4)
     mixed, soft = mixer(out, torch.tensor([0, 3]))
