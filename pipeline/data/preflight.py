@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.shards import resolve_shards, shard_advice
+from pipeline.data.shards import ordered_map, resolve_shards, shard_advice
 from pipeline.data.stream import decode_sample
 from pipeline.data.transforms import decode_rgb
 
@@ -54,11 +52,7 @@ def check_split(manifest_path: Path, progress: bool = True, num_classes: int | N
     is the same for any ``procs``."""
     shards = resolve_shards(str(manifest_path))
     report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0)
-    check = partial(check_shard, num_classes=num_classes)
-    with ExitStack() as stack:
-        results = map(check, shards.urls)
-        if procs > 1:
-            results = stack.enter_context(multiprocessing.get_context("fork").Pool(procs)).imap(check, shards.urls)
+    with ordered_map(partial(check_shard, num_classes=num_classes), shards.urls, procs) as results:
         for samples, histogram, unreadable in tqdm(results, total=len(shards.urls), desc=f"check {report.split}",
                                                    unit="shard", disable=not progress):
             report.samples += samples

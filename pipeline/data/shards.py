@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import tarfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import braceexpand
 import webdataset as wds
 
 
 DEFAULT_MAX_COUNT = 10_000  # samples per shard written (make_shards.py --max-count)
+
+
+@contextmanager
+def ordered_map(fn: Callable, items: Iterable, procs: int = 1, chunksize: int = 1) -> Iterator[Iterator]:
+    """``fn`` over ``items``, in this process or in ``procs`` forked ones (``fn`` is sent by
+    reference; what it reads is inherited). Results come in input order, so whatever is built
+    from them does not depend on ``procs``."""
+    if procs <= 1:
+        yield map(fn, items)
+        return
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        yield pool.imap(fn, items, chunksize)
 
 
 @dataclass

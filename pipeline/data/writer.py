@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import random
 from contextlib import ExitStack
@@ -16,7 +15,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard
+from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard, ordered_map
 from pipeline.data.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -125,10 +124,7 @@ def write_split(
     shard_bytes = TAR_END
     _JOB = (items, max_side)
     with ExitStack() as stack:
-        prepared = map(_prepare, range(start, len(items)))
-        if procs > 1:
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(procs))
-            prepared = pool.imap(_prepare, range(start, len(items)), chunksize=8)
+        prepared = stack.enter_context(ordered_map(_prepare, range(start, len(items)), procs, chunksize=8))
         stack.callback(writer.close)
         bar = stack.enter_context(tqdm(total=len(items), initial=start, desc=f"{split} shards", unit="img",
                                        disable=not progress))
