@@ -47,6 +47,7 @@ from pipeline.data.sources import synthetic_source  # noqa: E402
 from pipeline.data.writer import write_split  # noqa: E402
 from pipeline.flops import VitShape, activation_bytes_per_image, model_state_bytes, train_flops_per_image  # noqa: E402
 from pipeline.model import vit_from_config  # noqa: E402
+from pipeline.train.metrics import Meter  # noqa: E402
 
 BF16_RTOL = 2**-6  # two bf16 ulps at 1.0: compiled kernels round and fuse differently
 CUDA_CASES = [("L/16", 224), ("H/14", 224), ("H/14", 448)]
@@ -108,16 +109,15 @@ class TrainerCase:
     """A Trainer on in-memory batches; ``step()`` is one optimizer step."""
 
     def __init__(self, config: Config, env, data: list[dict]):
-        from pipeline.train.metrics import Meter
-        from pipeline.train.trainer import Trainer
+        from pipeline.train.trainer import Trainer  # imports deepspeed: after main() picks the accelerator
 
         self.trainer = Trainer(config, env)
         self.device = self.trainer.device
-        self.data, self.meter_type = itertools.cycle(data), Meter
+        self.data = itertools.cycle(data)
 
     def step(self):
         """One optimizer step; returns its Meter (loss sums still on the device)."""
-        meter = self.meter_type()
+        meter = Meter()
         self.trainer.train_step(self.data, meter)
         return meter
 
