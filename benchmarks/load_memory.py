@@ -56,9 +56,9 @@ def worker(rank: int, port: int, variant: str, source: str, out: str) -> None:
 
     from pipeline.config import ModelConfig
     from pipeline.train.consolidate import build_model
+    from pipeline.train.distributed import init_local_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    init_local_group(rank, 2, port, timeout_s=1800)
     torch.set_num_threads(1)
     config = ModelConfig(variant=variant, image_size=224, num_classes=1000)
     dist.barrier()

@@ -15,18 +15,9 @@ from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.model import vit_from_config  # noqa: E402
 from pipeline.model.weights import export_safetensors  # noqa: E402
 from pipeline.train.checkpoint import COMPLETE, tag_for  # noqa: E402
-from pipeline.train.distributed import free_port  # noqa: E402
+from pipeline.train.distributed import free_port, init_local_group  # noqa: E402
 
 MODEL = {"variant": "mu/2", "image_size": 8, "num_classes": 10}
-
-
-def _init(rank: int, port: int) -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
 
 
 def _spawn(fn, *args) -> None:
@@ -38,7 +29,7 @@ def _weights_worker(rank, port, good, out_dir):
 
     from pipeline.train.consolidate import build_model
 
-    _init(rank, port)
+    init_local_group(rank, 2, port)
     torch.manual_seed(rank)  # fresh weights differ: only the broadcast can make them agree
     source = good if rank == 0 else "/nonexistent/rank1-never-reads.safetensors"
     model = build_model(ModelConfig(**MODEL), pretrained=source)
@@ -50,6 +41,10 @@ def _weights_worker(rank, port, good, out_dir):
         result = f"{type(e).__name__}: {e}"
     (Path(out_dir) / f"error{rank}.txt").write_text(result)
     dist.destroy_process_group()
+    # build_model imported DeepSpeed's ZeRO code (and torch._dynamo) after the group existed: the
+    # group must still be freed, or gloo's threads outlive the interpreter and can abort the exit
+    threads = [Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+    (Path(out_dir) / f"threads{rank}.txt").write_text(" ".join(t for t in threads if "gloo" in t))
 
 
 def test_weights_are_read_on_rank_0_and_shared(tmp_path):
@@ -68,12 +63,13 @@ def test_weights_are_read_on_rank_0_and_shared(tmp_path):
     for rank in (0, 1):
         error = (tmp_path / f"error{rank}.txt").read_text()
         assert "both.safetensors" in error, f"rank {rank}: {error}"
+        assert (tmp_path / f"threads{rank}.txt").read_text() == "", f"rank {rank}: gloo threads left"
 
 
 def _resume_worker(rank, port, views, out_dir):
     from pipeline.train.checkpoint import agree_on_resume
 
-    _init(rank, port)
+    init_local_group(rank, 2, port)
     chosen = agree_on_resume("auto", Path(views[rank]), {"variant": "mu/2"}, world_size=2)
     (Path(out_dir) / f"resume{rank}.txt").write_text(str(chosen))
 
