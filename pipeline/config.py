@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CLI = "the command line"
@@ -80,7 +80,8 @@ class DataConfig(Section):
     train_shards: str | None = Field(None, description="Training shards: path, brace pattern, or 'pipe:' command.")
     eval_shards: str | None = Field(None, description="Evaluation shards: path, brace pattern, or 'pipe:' command.")
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")
-    shuffle_buffer: int = Field(5000, ge=0, description="Samples held in the shuffle buffer of each worker.")
+    shuffle_buffer: int | ByteSize = Field(5000, ge=0, description="Shuffle buffer of each worker: samples (5000), or "
+                                       "bytes with a unit ('512MiB', '1GB'), turned into samples by the manifest's mean sample size.")
     samples_per_epoch: int | None = Field(None, gt=0, description="Samples in one pass; default from the shard manifest.")
     mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel mean, on a 0-1 scale (big_vision/ViT: 0.5).")
     std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel std, on a 0-1 scale.")
@@ -92,6 +93,15 @@ class DataConfig(Section):
     cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 for off.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss.")
     crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Evaluation: resize to image_size / crop_pct, then center crop.")
+
+    @field_validator("shuffle_buffer", mode="before")
+    @classmethod
+    def _samples_unless_unit(cls, value):
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value  # '5000' is samples
+
+    @field_serializer("shuffle_buffer")
+    def _keep_the_unit(self, value):
+        return f"{int(value)}B" if isinstance(value, ByteSize) else value  # a saved config reads back as a size
 
 
 class OptimConfig(Section):

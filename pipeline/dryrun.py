@@ -9,16 +9,17 @@ Every problem names the key to change and a value that works; warnings do not fa
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, inherit_chain, load_config, resolve_path
-from pipeline.data.shards import ShardSet, check_exist, is_seekable, resolve_shards
+from pipeline.data.shards import ShardSet, check_exist, is_seekable, resolve_shards, shuffle_samples
 from pipeline.flops import (
     VitShape, activation_bytes_per_image, inference_bytes_per_image, inference_weight_bytes, model_state_bytes,
     param_count,
 )
-from pipeline.plan import GB, Assumptions, plan, usable_bytes
+from pipeline.plan import GB, Assumptions, data_host_memory, format_host_memory, plan, usable_bytes
 from pipeline.tracking import tracking_uri
 from pipeline.train.checkpoint import read_marker
 from pipeline.train.consolidate import checkpoint_dir
@@ -74,6 +75,7 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
         shards = _check_shards(config, "data.train_shards", config.data.train_shards, report)
         if shards is not None:
             _check_train_streams(config, shards, world, report)
+        _check_host_memory(config, shards, micro or config.train.micro_batch_size, gpus_per_node, assume, report)
         if config.run.stage == "finetune":
             _check_link(config, "finetune.init_from", config.finetune.init_from, chain[1:], after, overrides, report)
         else:
@@ -191,6 +193,24 @@ def _check_train_streams(config: Config, shards: ShardSet, world: int, report: R
     else:
         report.add("streams", f"{streams:,} streams ({world} ranks x {max(config.data.num_workers, 1)} workers), "
                               f"{len(shards.urls) / streams:.1f} shards each")
+
+
+def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus_per_node: int,
+                       assume: Assumptions, report: Report) -> None:
+    """Host RAM of the data path per node, with the manifest's mean sample size when there is one."""
+    if shards is not None:
+        try:
+            shuffle_samples(config.data.shuffle_buffer, shards)
+        except ValueError as e:
+            report.problems.append(str(e))
+        if shards.sample_bytes:
+            assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
+    memory = data_host_memory(config, gpus_per_node, micro, assume)
+    report.add("host RAM", format_host_memory(memory))
+    if memory["total_gb"] > assume.host_ram_gb / 2:
+        report.warnings.append(f"the data path holds {memory['total_gb']:,.0f} GB of host RAM per node, over half of "
+                               f"the {assume.host_ram_gb:,.0f} GB of a node: lower data.shuffle_buffer (samples, or a "
+                               f"size such as '256MiB') or data.num_workers")
 
 
 def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Report) -> None:

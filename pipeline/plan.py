@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
+from pydantic import ByteSize
+
 from pipeline.config import Config
 from pipeline.flops import (
     DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu, max_micro_batch,
@@ -30,6 +32,10 @@ class Assumptions:
     comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
     decode_images_per_s_per_core: float = 767.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
     flash_attention: bool = True
+    sample_kb: float = 110.0  # a sample in the shards (ImageNet JPEG); the dry run reads it from the manifest
+    worker_gb: float = 0.25  # one DataLoader worker's own memory (PSS) besides its buffers, measured on CPU
+    prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead (TrainLoader's default)
+    host_ram_gb: float = 2048.0  # per node (DGX H100/H200: 2 TB); the dry run warns past half of it
 
 
 def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) -> dict:
@@ -81,8 +87,30 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
         "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
         "communication_s_per_step": comm_s,
         "scaling_efficiency": {str(n): e for n, e in scaling.items()},
+        "host_ram_data_per_node": data_host_memory(config, gpus_per_node, min(config.train.micro_batch_size,
+                                                                               max(per_gpu_batch, 1)), assume),
         "assumptions": asdict(assume),
     }
+
+
+def data_host_memory(config: Config, gpus_per_node: int, micro: int, assume: Assumptions) -> dict:
+    """Host RAM per node that the training data path holds, in GB: every worker's shuffle buffer
+    of raw sample bytes, the decoded uint8 batches of ``micro`` images queued between workers and
+    the trainer (and the pinned copy), and the worker processes themselves."""
+    workers = config.data.num_workers
+    buffer = config.data.shuffle_buffer
+    in_bytes = isinstance(buffer, ByteSize)
+    samples = int(buffer // (assume.sample_kb * 1e3)) if in_bytes else int(buffer)
+    buffer_bytes = int(buffer) if in_bytes else samples * assume.sample_kb * 1e3
+    batch_bytes = micro * 3 * config.model.image_size ** 2
+    queued = assume.prefetch_factor * workers + 2 if workers else 1
+    figures = {
+        "shuffle_gb": gpus_per_node * max(workers, 1) * buffer_bytes / GB,
+        "batches_gb": gpus_per_node * queued * batch_bytes / GB,
+        "workers_gb": gpus_per_node * workers * assume.worker_gb,
+    }
+    return {"total_gb": sum(figures.values()), **figures, "ranks": gpus_per_node, "workers_per_rank": workers,
+            "buffer_samples": samples, "sample_kb": assume.sample_kb}
 
 
 def usable_bytes(assume: Assumptions) -> float:
@@ -146,6 +174,13 @@ def format_plan(result: dict) -> str:
               f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
               f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s",
               "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
+              f"  host RAM, data path        {format_host_memory(r['host_ram_data_per_node'])}",
               "", "  assumptions (override with --set NAME=VALUE): "
               + ", ".join(f"{k}={v}" for k, v in a.items())]
     return "\n".join(lines)
+
+
+def format_host_memory(m: dict) -> str:
+    return (f"{m['total_gb']:,.1f} GB per node: shuffle buffers {m['shuffle_gb']:,.1f} GB ({m['ranks']} ranks x "
+            f"{max(m['workers_per_rank'], 1)} workers x {m['buffer_samples']:,} samples x {m['sample_kb']:,.0f} kB), "
+            f"batches in flight {m['batches_gb']:,.1f} GB, worker processes {m['workers_gb']:,.1f} GB")

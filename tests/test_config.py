@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ByteSize
 
 from pipeline.config import CONFIG_DIR, Config, ConfigError, load_config
 
@@ -176,3 +177,14 @@ def test_training_length_from_steps_samples_or_epochs():
     assert load_config("vit_l16", ["train.epochs=null", "train.total_steps=7"]).total_steps() == 7
     no_count = load_config("vit_l16", ["data.samples_per_epoch=null"])
     assert no_count.total_steps() is None and no_count.total_steps(samples_per_epoch=4096) == 90
+
+
+def test_shuffle_buffer_is_samples_or_a_size_with_a_unit(tmp_path):
+    assert load_config("vit_h14", ["data.shuffle_buffer=5000"]).data.shuffle_buffer == 5000
+    size = load_config("vit_h14", ["data.shuffle_buffer=512MiB"]).data.shuffle_buffer
+    assert size == 512 * 2**20 and isinstance(size, ByteSize)
+    assert not isinstance(load_config("vit_h14").data.shuffle_buffer, ByteSize)
+    saved = load_config("vit_h14", ["data.shuffle_buffer=512MiB"]).save(tmp_path / "config.yaml")
+    assert load_config(saved).data.shuffle_buffer == size and isinstance(load_config(saved).data.shuffle_buffer, ByteSize)
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer.*'lots'"):
+        load_config("vit_h14", ["data.shuffle_buffer=lots"])

@@ -111,3 +111,22 @@ def test_launchers_dry_run_from_the_command_line_without_a_gpu_or_process_group(
 def test_sqlite_on_a_network_filesystem_is_a_warning(tmp_path):
     assert filesystem_type(tmp_path / "not-yet" / "mlflow.db") == filesystem_type(tmp_path)
     assert filesystem_type(Path("/proc/self")) == "proc"
+
+
+def test_host_ram_uses_the_manifests_sample_size(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train-000000.tar").touch()
+    (data / "train.json").write_text(json.dumps({"split": "train", "num_samples": 1000, "num_classes": 10,
+                                                 "shards": [{"url": "train-000000.tar", "num_samples": 1000,
+                                                             "num_bytes": 50_000_000}]}))
+    common = ["model.num_classes=10", "data.num_workers=4", "data.shuffle_buffer=1000"]
+    ok, report = dry_run("vit_l16.yaml", [f"data.train_shards={data}/train.json", *common], stage="train", nodes=1,
+                         gpus_per_node=8)
+    assert ok, report
+    assert "host RAM" in report and "8 ranks x 4 workers x 1,000 samples x 50 kB" in report  # 50 MB / 1,000 samples
+    bare = [f"data.train_shards={data}/train-000000.tar", "data.samples_per_epoch=1000", *common[:2],
+            "data.shuffle_buffer=3GB", "data.num_workers=64"]
+    ok, report = dry_run("vit_l16.yaml", bare, stage="train", nodes=1, gpus_per_node=8)
+    assert not ok and "data.shuffle_buffer is a size (3,000,000,000 bytes)" in report and "--index" in report
+    assert "over half of the 2,048 GB of a node" in report  # 8 x 64 x 3 GB of buffers

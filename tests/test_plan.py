@@ -13,7 +13,7 @@ from pipeline.flops import (
     VitShape, activation_bytes_per_image, gradient_bytes_sent_per_gpu, largest_layer_params, max_micro_batch,
     model_state_bytes, param_count,
 )
-from pipeline.plan import Assumptions, plan, recommend
+from pipeline.plan import Assumptions, format_plan, plan, recommend
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,3 +123,17 @@ def test_shipped_configs_follow_the_planner_for_their_stated_cluster(name):
     recommended = plan(config, nodes, gpus, Assumptions())["recommended"]
     assert (config.deepspeed.zero_stage, config.deepspeed.activation_checkpointing, config.train.micro_batch_size) == (
         recommended["zero_stage"], recommended["activation_checkpointing"], recommended["micro_batch_size"]), name
+
+
+def test_host_ram_of_the_data_path_per_node():
+    config = load_config("vit_h14.yaml")  # 12 workers a rank, 10,000 samples a buffer
+    memory = plan(config, 4, 8, Assumptions(sample_kb=100.0))["host_ram_data_per_node"]
+    assert memory["shuffle_gb"] == pytest.approx(8 * 12 * 10_000 * 100e3 / 1e9)
+    micro = config.micro_batch(32)
+    assert memory["batches_gb"] == pytest.approx(8 * (2 * 12 + 2) * micro * 3 * 224 * 224 / 1e9)
+    assert memory["workers_gb"] == pytest.approx(8 * 12 * 0.25)
+    assert memory["total_gb"] == pytest.approx(memory["shuffle_gb"] + memory["batches_gb"] + memory["workers_gb"])
+    sized = plan(load_config("vit_h14.yaml", ["data.shuffle_buffer=256MB"]), 4, 8, Assumptions(sample_kb=100.0))
+    assert sized["host_ram_data_per_node"]["shuffle_gb"] == pytest.approx(8 * 12 * 0.256)  # the size, whatever a sample
+    assert sized["host_ram_data_per_node"]["buffer_samples"] == 2560
+    assert "host RAM, data path" in format_plan(sized) and "2,560 samples x 100 kB" in format_plan(sized)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import braceexpand
+from pydantic import ByteSize
 import webdataset as wds
 
 
@@ -42,10 +43,18 @@ class ShardSet:
     counts: list[int] | None = None  # samples per shard, when a manifest gives them
     classes: list[str] = field(default_factory=list)
     spec: str = ""
+    sizes: list[int] | None = None  # bytes per shard, when a manifest gives them
 
     @property
     def num_samples(self) -> int | None:
         return sum(self.counts) if self.counts is not None else None
+
+    @property
+    def sample_bytes(self) -> float | None:
+        """Mean bytes a sample takes in the tars (its members and their headers), if known."""
+        if self.sizes is None or not self.num_samples:
+            return None
+        return sum(self.sizes) / self.num_samples
 
 
 def _is_local(url: str) -> bool:
@@ -72,7 +81,9 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
             raise FileNotFoundError(f"shard manifest '{spec}' not found (write shards with launch/make_shards.py)")
         manifest = json.loads(path.read_text())
         urls = [_relative_to(path.parent, u["url"]) for u in manifest["shards"]]
-        shards = ShardSet(urls, [u["num_samples"] for u in manifest["shards"]], manifest.get("classes", []), spec)
+        sizes = [u.get("num_bytes") for u in manifest["shards"]]
+        shards = ShardSet(urls, [u["num_samples"] for u in manifest["shards"]], manifest.get("classes", []), spec,
+                          sizes if None not in sizes else None)
     else:
         urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
         shards = ShardSet(urls, None, [], spec)
@@ -81,6 +92,18 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
     if check_exists:
         check_exist(shards)
     return shards
+
+
+def shuffle_samples(buffer: int, shards: ShardSet) -> int:
+    """``data.shuffle_buffer`` in samples: a count as given; a size in bytes (pydantic's ByteSize,
+    written with a unit) divided by the mean sample size of the shards' manifest."""
+    if not isinstance(buffer, ByteSize):
+        return int(buffer)
+    if shards.sample_bytes is None:
+        raise ValueError(f"data.shuffle_buffer is a size ({int(buffer):,} bytes), but '{shards.spec}' has no manifest "
+                         f"with shard sizes to turn it into samples: give a sample count, or write a manifest "
+                         f"(make_shards.py --index DIR)")
+    return max(1, int(buffer // shards.sample_bytes)) if buffer else 0
 
 
 def suggest_shards(num_samples: int, streams: int, max_count: int = DEFAULT_MAX_COUNT) -> tuple[int, int]:

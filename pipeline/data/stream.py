@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_samples
+from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_samples, shuffle_samples
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -104,7 +104,7 @@ class TrainStream(IterableDataset):
         world_size: int = 1,
         num_workers: int = 0,
         samples_per_epoch: int | None = None,
-        shuffle_buffer: int = 5000,
+        shuffle_buffer: int = 5000,  # samples, or bytes as a pydantic ByteSize
         num_classes: int | None = None,
     ):
         samples_per_epoch = samples_per_epoch or shards.num_samples
@@ -121,7 +121,7 @@ class TrainStream(IterableDataset):
         self.samples_per_epoch = samples_per_epoch
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
         self.samples_per_worker_epoch = max(1, samples_per_epoch // (world_size * max(num_workers, 1)))
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer = shuffle_samples(shuffle_buffer, shards)
         self.start: dict[int, tuple[int, int, int]] = {}  # logical worker -> (epoch, index, skipped)
         self.rotation = 0  # logical worker = (physical + rotation) % workers
 

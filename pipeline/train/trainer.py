@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import ByteSize
 from tqdm import tqdm
 
 from pipeline.config import Config
@@ -178,6 +179,9 @@ class Trainer:
                              world_size=env.world_size, num_workers=c.data.num_workers,
                              samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=c.data.shuffle_buffer,
                              num_classes=c.model.num_classes)
+        if isinstance(c.data.shuffle_buffer, ByteSize) and self.is_main:
+            log.info("data.shuffle_buffer %s bytes = %d samples per worker at %.1f kB a sample (the manifest's mean)",
+                     f"{int(c.data.shuffle_buffer):,}", stream.shuffle_buffer, shards.sample_bytes / 1e3)
         return TrainLoader(stream, pin_memory=self.device.type == "cuda")
 
     def start_tracking(self, run_id: str | None) -> Tracker:

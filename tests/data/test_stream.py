@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import DataConfig
 from pipeline.data import EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards
+from pipeline.data.writer import index_shards
 from pipeline.train.distributed import free_port
 
 
@@ -104,6 +106,23 @@ def test_no_samples_per_epoch_is_a_clear_error(make_shards):
     spec, _ = make_shards([4])
     with pytest.raises(ValueError, match=r"samples_per_epoch is unknown.*make_shards.py --index DIR"):
         train_loader(spec)
+
+
+def test_shuffle_buffer_in_bytes_holds_that_many_bytes_of_the_manifests_samples(make_shards, tmp_path):
+    spec, _ = make_shards([10, 10, 10])
+    index_shards(tmp_path, progress=False)  # a manifest with the shards' sizes, from their headers
+    shards = resolve_shards(str(tmp_path / "s.json"))
+    sample = sum((tmp_path / f"s-{i:06d}.tar").stat().st_size for i in range(3)) / 30
+    assert shards.sample_bytes == sample
+    budget = DataConfig(shuffle_buffer=f"{sample * 12.5 / 1000}kB").shuffle_buffer  # as a config gives it
+    by_size = TrainStream(shards, TrainTransform(16), batch_size=4, seed=7, shuffle_buffer=budget)
+    assert by_size.shuffle_buffer == 12  # whole samples within the budget
+    by_count = TrainStream(shards, TrainTransform(16), batch_size=4, seed=7, shuffle_buffer=12)
+    for i, (a, b) in enumerate(zip(take(TrainLoader(by_size), 8), take(TrainLoader(by_count), 8))):
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=0, msg=f"batch {i}")
+    bare = resolve_shards(spec)  # no manifest: a size cannot become a sample count
+    with pytest.raises(ValueError, match=r"data.shuffle_buffer is a size .* --index"):
+        TrainStream(bare, TrainTransform(16), batch_size=4, seed=7, samples_per_epoch=30, shuffle_buffer=budget)
 
 
 def eval_indices(spec, world_size, num_workers, batch_size=4, transform=None):
