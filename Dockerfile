@@ -1,7 +1,7 @@
 # vit-pipeline on GPU nodes: an official CUDA-enabled PyTorch image with the project installed
 # and the DeepSpeed ops of the GPU path compiled in, so no job compiles at start-up.
 #
-#   docker build -t vit-pipeline .
+#   docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) -t vit-pipeline .
 #   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/opt/vit-pipeline/runs vit-pipeline \
 #       deepspeed --num_gpus 8 launch/train.py --config vit_h14.yaml
 #
@@ -17,13 +17,18 @@ WORKDIR /opt/vit-pipeline
 # Prebuild the DeepSpeed ops used on the GPU path: CPU Adam (deepspeed.offload_optimizer=cpu),
 # async I/O (nvme offload) and the flatten/unflatten utils ZeRO uses. A100 (8.0) and H100/H200 (9.0).
 ENV DS_BUILD_CPU_ADAM=1 DS_BUILD_AIO=1 DS_BUILD_UTILS=1 TORCH_CUDA_ARCH_LIST="8.0;9.0"
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY pipeline ./pipeline
-# The base image's torch satisfies the plain torch requirement; nothing replaces it.
-RUN pip install ".[demo]" && ds_report
+# The tested versions (constraints.txt), as `make install` uses them: pip replaces the base image's
+# torch if the pin differs (keep the base image's torch equal to the pin to skip that download).
+RUN pip install -c constraints.txt ".[demo]" && ds_report
 COPY launch ./launch
 COPY configs ./configs
 COPY slurm ./slurm
 COPY benchmarks ./benchmarks
+
+# The image has no .git: MLflow's git_commit tag comes from the build argument.
+ARG GIT_COMMIT=unknown
+ENV VIT_PIPELINE_GIT_COMMIT=${GIT_COMMIT}
 
 CMD ["python", "launch/train.py", "--help"]

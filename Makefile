@@ -13,9 +13,9 @@ help:  ## list the targets
 
 install: $(STAMP)  ## create .venv and install the project with its test and demo extras
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,demo]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	@touch $@
 
 test: install  ## run every test tier (unit, integration, system)

@@ -30,6 +30,10 @@ def tracking_uri(configured: str | None = None) -> str:
 
 
 def git_commit() -> str:
+    """The commit of this code: $VIT_PIPELINE_GIT_COMMIT where set (the Docker image, from its
+    GIT_COMMIT build argument: it has no .git), else ``git rev-parse HEAD``."""
+    if os.environ.get("VIT_PIPELINE_GIT_COMMIT"):
+        return os.environ["VIT_PIPELINE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
