@@ -28,11 +28,26 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
+# check_tracking CONFIG [key=value ...]: warn when a multi-node job would track to an sqlite file,
+# which sits on a network filesystem on most clusters (README: "Tracking on a cluster").
+check_tracking() {
+  [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] || return 0
+  local uri
+  uri=$("$PYTHON" -c 'import sys; from pipeline.config import load_config; from pipeline.tracking import tracking_uri
+print(tracking_uri(load_config(sys.argv[1], sys.argv[2:]).run.tracking_uri))' "$@" 2>/dev/null) || return 0
+  case "$uri" in
+    sqlite:*) echo "warning: $SLURM_JOB_NUM_NODES nodes track to $uri: sqlite on a network filesystem can corrupt" \
+                   "under a concurrent reader; run an mlflow server and export MLFLOW_TRACKING_URI=http://HOST:5000" \
+                   "(README: Tracking on a cluster)" ;;
+  esac
+}
+
 # run_stage SCRIPT DEFAULT_CONFIG [CONFIG] [key=value ...]
 run_stage() {
   local script=$1 config=$2
   shift 2
   if [ $# -gt 0 ] && [[ $1 != *=* ]]; then config=$1; shift; fi
+  check_tracking "$config" "$@"
   echo "[$(date -Is)] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
        "$SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, pipeline $VIT_PIPELINE_ID"
   local status=0
