@@ -9,7 +9,7 @@ import torch
 from pipeline.config import DataConfig
 from pipeline.data import EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards
 from pipeline.data.writer import index_shards
-from pipeline.train.distributed import free_port
+from pipeline.train.distributed import free_port, init_local_group
 
 
 def train_loader(spec, num_workers=0, batch_size=4, counts=None, **kw):
@@ -172,12 +172,9 @@ def test_eval_survives_a_truncated_shard(make_shards):
 
 
 def _eval_worker(rank, world_size, spec, out_dir):
-    import datetime
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["TEST_EVAL_PORT"])
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    init_local_group(rank, world_size, int(os.environ["TEST_EVAL_PORT"]))
     stream = EvalStream(resolve_shards(spec), EvalTransform(16), batch_size=2, rank=rank, world_size=world_size,
                         num_workers=2, image_size=16)
     indices, batches = [], 0
@@ -191,6 +188,8 @@ def _eval_worker(rank, world_size, spec, out_dir):
     if rank == 0:
         torch.save(gathered, Path(out_dir) / "result.pt")
     dist.destroy_process_group()
+    threads = [Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+    assert not [t for t in threads if "gloo" in t], "gloo threads outlive the group"
 
 
 def test_eval_exact_on_two_processes(make_shards, tmp_path):
