@@ -8,8 +8,8 @@ Every problem names the key to change and a value that works; warnings do not fa
 
 from __future__ import annotations
 
-import json
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
