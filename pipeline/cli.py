@@ -9,7 +9,7 @@ import sys
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.plan import GPUS
 from pipeline.train import signals
-from pipeline.train.distributed import DistEnv, discover
+from pipeline.train.distributed import DistEnv, discover, set_cpu_threads
 
 
 def stage_parser(doc: str) -> argparse.ArgumentParser:
@@ -33,14 +33,17 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
 
 def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[DistEnv, Config | None]:
     """Catch preemption signals, discover the ranks, set up logging (INFO on rank 0), load the
-    config. The config is None after a config error, which has been printed."""
+    config, fit the rank's threads to its cores. The config is None after a config error, which
+    has been printed."""
     signals.install()
     env = discover(args.local_rank)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
-        return env, load_config(args.config, args.overrides, world_size=env.world_size if check_world_size else None)
+        config = load_config(args.config, args.overrides, world_size=env.world_size if check_world_size else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return env, None
+    set_cpu_threads(config.data.num_workers, warn=env.is_main)
+    return env, config

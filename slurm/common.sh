@@ -16,9 +16,16 @@ export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 1000))}
 # One tag shared by the stages of a pipeline (slurm/pipeline.sh sets it); a lone job uses its id.
 export VIT_PIPELINE_ID=${VIT_PIPELINE_ID:-slurm-$SLURM_JOB_ID}
 
-# CPU threads per rank: the cores SLURM gave the task, less the DataLoader workers' share is
-# up to the config (data.num_workers). One intra-op thread per core avoids oversubscription.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# CPUs: since Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch; without this a
+# rank and all its decode workers would share one core. Each rank is bound to its own cores,
+# tasks filling one socket before the next (block:block), so on a 2-socket 8-GPU node ranks
+# 0-3 sit on the socket next to GPUs 0-3. The ranks set their intra-op threads to their cores
+# less data.num_workers (OMP_NUM_THREADS, if set, wins) and warn when the workers alone take
+# them all. GPUs: every rank sees its node's GPUs and takes cuda:LOCAL_RANK, as DeepSpeed does
+# (srun --gpu-bind would renumber each rank's GPU to 0). Each run writes ranks.json: the host,
+# local rank, cores, threads and device of every rank. Override with VIT_CPU_BIND=none etc.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+SRUN_BINDING=(--cpu-bind="${VIT_CPU_BIND:-cores}" --distribution="${VIT_DISTRIBUTION:-block:block}")
 # NCCL: these are the usual settings for InfiniBand clusters; adjust to your fabric.
 #   NCCL_IB_HCA=mlx5            use the InfiniBand HCAs
 #   NCCL_SOCKET_IFNAME=^lo,docker   bootstrap over a real interface, never loopback or docker
@@ -57,7 +64,7 @@ run_stage() {
   export VIT_PREEMPTED_FILE="$REPO/logs/.preempted-$SLURM_JOB_ID"
   rm -f "$VIT_PREEMPTED_FILE"
   # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others hanging.
-  srun --kill-on-bad-exit=1 "$PYTHON" "launch/$script" --config "$config" "$@" || status=$?
+  srun --kill-on-bad-exit=1 "${SRUN_BINDING[@]}" "$PYTHON" "launch/$script" --config "$config" "$@" || status=$?
   if [ "$status" -eq "$EXIT_PREEMPTED" ] || [ -f "$VIT_PREEMPTED_FILE" ]; then
     rm -f "$VIT_PREEMPTED_FILE"
     echo "[$(date -Is)] preempted (what was worth keeping is saved): requeueing job $SLURM_JOB_ID"

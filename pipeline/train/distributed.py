@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,89 @@ def init_process_group() -> None:
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()
     name.unlink(missing_ok=True)
+
+
+def set_cpu_threads(num_workers: int, *, warn: bool) -> int:
+    """Intra-op threads for this rank: ``OMP_NUM_THREADS`` where the user set it, else the cores
+    this process may run on (its affinity: srun's ``--cpus-per-task`` and ``--cpu-bind``) less one
+    per DataLoader worker, at least 1. The workers inherit the same cores. With ``warn``, says so
+    when the workers alone take every core."""
+    cores = len(os.sched_getaffinity(0))
+    if warn and num_workers >= cores:
+        log.warning("data.num_workers=%d: this rank may run on %d core(s), so its decode workers and its training "
+                    "thread share them. Ask for more (sbatch --cpus-per-task=%d) or set data.num_workers=%d.",
+                    num_workers, cores, num_workers + 1, max(cores - 1, 0))
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, cores - num_workers))
+    torch.set_num_threads(threads)
+    return threads
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one rank runs: what a multi-node job is checked by, and what to read when one hangs."""
+    rank: int
+    local_rank: int
+    host: str
+    master: str        # MASTER_ADDR:MASTER_PORT as this rank saw them
+    master_ip: str     # MASTER_ADDR as this rank's resolver answers
+    cpus: list[int]    # the cores this rank's threads and workers may run on
+    threads: int       # intra-op threads
+    device: str
+
+    @classmethod
+    def here(cls, env: DistEnv, device: torch.device) -> "Placement":
+        addr = os.environ.get("MASTER_ADDR", "")
+        try:
+            ip = socket.gethostbyname(addr) if addr else ""
+        except OSError:
+            ip = "unresolved"
+        return cls(env.rank, env.local_rank, socket.gethostname(), f"{addr}:{os.environ.get('MASTER_PORT', '')}", ip,
+                   sorted(os.sched_getaffinity(0)), torch.get_num_threads(), str(device))
+
+
+def gather_placements(env: DistEnv, device: torch.device) -> list[dict]:
+    """Every rank's :class:`Placement`, in rank order, on every rank (one all-gather of a few
+    hundred bytes a rank), checked by :func:`check_placements`."""
+    mine = asdict(Placement.here(env, device))
+    placements = [mine]
+    if env.world_size > 1:
+        placements = [None] * env.world_size
+        dist.all_gather_object(placements, mine)
+    check_placements(placements)
+    return placements
+
+
+def check_placements(placements: list[dict]) -> None:
+    """Refuse a job whose launcher gave two ranks of one host the same ``LOCAL_RANK``, or whose
+    ranks resolve the master to different addresses: the mix-ups of global and local ranks and of
+    rendezvous hosts that a one-node run never shows."""
+    seen: dict[tuple[str, int], int] = {}
+    for p in placements:
+        other = seen.setdefault((p["host"], p["local_rank"]), p["rank"])
+        if other != p["rank"]:
+            raise RuntimeError(f"ranks {other} and {p['rank']} both run on {p['host']} with LOCAL_RANK "
+                               f"{p['local_rank']}: the launcher's local ranks are wrong (they would share a device)")
+    masters = {p["master_ip"] for p in placements}
+    if len(masters) > 1:
+        raise RuntimeError(f"ranks resolve MASTER_ADDR to different addresses {sorted(masters)}: "
+                           + ", ".join(f"rank {p['rank']} on {p['host']}: {p['master']} -> {p['master_ip']}"
+                                       for p in placements[:8]))
+
+
+def describe_placements(placements: list[dict]) -> str:
+    """'4 ranks on 2 hosts (vnode1: 0-1, vnode2: 2-3), master vnode1:29500 (10.0.0.2), 1 core(s) and 1 thread(s) a rank'."""
+    hosts: dict[str, list[int]] = {}
+    for p in placements:
+        hosts.setdefault(p["host"], []).append(p["rank"])
+    spans = ", ".join(f"{h}: {r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else f"{h}: {r}"
+                      for h, r in hosts.items())
+    shown = spans if len(hosts) <= 8 else f"{spans.split(', ')[0]}, ..."
+    cores = sorted({len(p["cpus"]) for p in placements})
+    threads = sorted({p["threads"] for p in placements})
+    first = placements[0]
+    return (f"{len(placements)} ranks on {len(hosts)} host(s) ({shown}), master {first['master']} "
+            f"({first['master_ip']}), {'/'.join(map(str, cores))} core(s) and {'/'.join(map(str, threads))} "
+            f"thread(s) a rank")
 
 
 def _slurm_master_addr() -> str:

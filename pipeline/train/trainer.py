@@ -24,7 +24,7 @@ from pipeline.tracking import Tracker, stage_tags, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
-from pipeline.train.distributed import DistEnv, StepAgreement
+from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
@@ -70,6 +70,8 @@ class Trainer:
 
     Construction, in order, with the collectives each step makes on every rank:
 
+    0. placement: where every rank runs, written to ``ranks.json`` (an all-gather; refuses two
+       ranks of one host with the same ``LOCAL_RANK``);
     1. data: the training stream (none; a dataset that does not fit is refused before any model work);
     2. resume: rank 0 picks the checkpoint to resume, the others are told (a broadcast);
     3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
@@ -98,6 +100,10 @@ class Trainer:
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
         self.agreement = StepAgreement(self.device)
 
+        self.placements = gather_placements(env, self.device)
+        if self.is_main:
+            log.info("%s", describe_placements(self.placements))
+            (self.run_dir / "ranks.json").write_text(json.dumps(self.placements, indent=1))
         self.loader = self.build_loader()
         resume = self.agree_on_resume()
         self.engine = self.build_engine(resume)
@@ -195,6 +201,7 @@ class Trainer:
             tracker.log_params(c.flat())
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
+            tracker.log_text(json.dumps(self.placements, indent=1), "ranks.json")
         return tracker
 
     # -- training -----------------------------------------------------------------------------

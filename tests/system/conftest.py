@@ -13,13 +13,14 @@ from tests.helpers import free_port
 
 
 def _ensure_slurm_installed() -> str | None:
-    """Install Debian's slurm-wlm and munge if missing; the reason when that cannot be done."""
-    if shutil.which("slurmctld") and shutil.which("munged"):
+    """Install Debian's slurm-wlm and munge (and iproute2, for the two-node cluster) if missing;
+    the reason when that cannot be done."""
+    if shutil.which("slurmctld") and shutil.which("munged") and shutil.which("ip"):
         return None
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "slurm-wlm is not installed and this user cannot apt-get install it"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge", "iproute2"]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0:
             return f"{' '.join(cmd)} failed: {result.stderr[-500:]}"

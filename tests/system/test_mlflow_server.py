@@ -6,30 +6,33 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT, deepspeed_cmd, free_port, launch_env, metrics, train_args
+from tests.system.jobs import here
 
 pytestmark = pytest.mark.system
 
 
-def start_server(port: int, store: Path) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+def start_server(port: int, store: Path, host: str = "127.0.0.1", wrap=here, allowed_hosts: str | None = None
+                 ) -> subprocess.Popen:
+    """``mlflow server`` on ``host:port``; ``wrap`` turns a command into one run where the server
+    should live (a network namespace), and the health check runs there too."""
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", host, "--port", str(port),
            "--backend-store-uri", f"sqlite:///{store}/server.db", "--artifacts-destination", f"file://{store}/artifacts",
-           "--workers", "1"]
-    server = subprocess.Popen(cmd, cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+           "--workers", "1", *(["--allowed-hosts", allowed_hosts] if allowed_hosts else [])]
+    server = subprocess.Popen(wrap(*cmd), cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    health = wrap(sys.executable, "-c", "import sys, urllib.request; "
+                  f"sys.exit(urllib.request.urlopen('http://{host}:{port}/health', timeout=2).status != 200)")
     deadline = time.time() + 120
     while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
+        if subprocess.run(health, capture_output=True).returncode == 0:
+            return server
+        time.sleep(0.5)
     stop_server(server)
     raise RuntimeError("mlflow server did not start within 120 s")
 

@@ -1,43 +1,22 @@
-"""The SLURM scripts under a real controller: sbatch --wait slurm/pretrain.sh, and
-slurm/pipeline.sh running pretrain -> fine-tune -> evaluate in order, on a 1-node CPU cluster."""
+"""The SLURM scripts under a real controller on a 1-node CPU cluster: sbatch --wait
+slurm/pretrain.sh, pipeline.sh refusing a shape its dry run rejects, a preempted evaluation.
+The pipeline and a preempted pretraining run are tested across two nodes
+(test_slurm_multinode.py)."""
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT, metrics, read_log
+from tests.system.jobs import demo_overrides, job_env, wait_for_end
 
 pytestmark = pytest.mark.system
 
 # The scripts ask for GPUs and several nodes; this cluster has one CPU node.
 RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
-
-
-def demo_overrides(shards, out, steps: int) -> list[str]:
-    return [f"run.output_dir={out}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
-            f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json", "data.num_workers=1",
-            f"train.total_steps={steps}", "train.log_every=5", f"train.checkpoint_every={steps}"]
-
-
-def job_state(cluster_env, job: str) -> dict:
-    info = subprocess.run(["scontrol", "show", "job", job], env=cluster_env, capture_output=True, text=True).stdout
-    return dict(field.split("=", 1) for field in info.split() if "=" in field)
-
-
-def wait_for_end(cluster_env, job: str, deadline: float) -> dict:
-    """The job's final state (a requeued job runs again before it ends)."""
-    while time.time() < deadline and job_state(cluster_env, job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-        time.sleep(2)
-    return job_state(cluster_env, job)
-
-
-def job_env(cluster_env, **extra):
-    return dict(cluster_env, PYTHON=sys.executable, VIT_PIPELINE_ROOT=str(ROOT), DS_ACCELERATOR="cpu",
-                OMP_NUM_THREADS="1", **extra)
 
 
 def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
@@ -61,37 +40,6 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags["slurm_job_id"] == job_id
     assert runs[0].data.tags["pipeline"] == f"slurm-{job_id}"
-
-
-def test_pipeline_runs_three_stages_in_order(slurm_cluster, digits_shards, tmp_path):
-    (tmp_path / "logs").mkdir()
-    overrides = demo_overrides(digits_shards, tmp_path, 10)
-    overrides += [f"finetune.init_from={tmp_path}/demo-pretrain", f"eval.checkpoint={tmp_path}/demo-finetune"]
-    configs = [str(ROOT / f"configs/demo/{name}.yaml") for name in ("pretrain", "finetune", "evaluate")]
-    submitted = subprocess.run(
-        [str(ROOT / "slurm/pipeline.sh"), *configs, "--", *overrides], cwd=tmp_path,
-        env=job_env(slurm_cluster, SBATCH_ARGS=" ".join(RESOURCES), VIT_PIPELINE_ID="ci-pipeline"),
-        capture_output=True, text=True, timeout=60)
-    assert submitted.returncode == 0, submitted.stderr
-    jobs = submitted.stdout.strip().splitlines()[-1].split()
-    assert len(jobs) == 3
-    deadline = time.time() + 900
-    while time.time() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-j", ",".join(jobs)], env=slurm_cluster, capture_output=True, text=True)
-        if not queue.stdout.strip():
-            break
-        time.sleep(2)
-    states = {job: job_state(slurm_cluster, job) for job in jobs}
-    logs = "\n".join(read_log(p)[-1500:] for p in (tmp_path / "logs").glob("*.out"))
-    assert [states[j]["JobState"] for j in jobs] == ["COMPLETED"] * 3, logs
-    # In order: each stage started after the one before it ended.
-    assert states[jobs[0]]["EndTime"] <= states[jobs[1]]["StartTime"] <= states[jobs[1]]["EndTime"] <= states[jobs[2]]["StartTime"]
-    report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
-    assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "val.json").read_text())["num_samples"]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
-    assert {r.data.tags["pipeline"] for r in runs} == {"ci-pipeline"}
 
 
 def test_pipeline_submits_nothing_when_a_dry_run_fails(slurm_cluster, digits_shards, tmp_path):
@@ -144,33 +92,3 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
     assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "train.json").read_text())["num_samples"]
-
-
-def test_preempted_job_saves_requeues_and_resumes_its_run(slurm_cluster, digits_shards, tmp_path):
-    """SIGUSR1 (what --signal=USR1@600 sends before the time limit) to the job's ranks: they save
-    and exit 75, the script requeues the job, and the requeued job resumes the checkpoint and the
-    MLflow run to the end."""
-    (tmp_path / "logs").mkdir()
-    overrides = demo_overrides(digits_shards, tmp_path, 100) + ["train.checkpoint_every=1000"]
-    submitted = subprocess.run(["sbatch", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
-                                str(ROOT / "configs/demo/pretrain.yaml"), *overrides],
-                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
-    job = submitted.stdout.strip().split(";")[0]
-    run_dir = tmp_path / "demo-pretrain"
-    deadline = time.time() + 600
-    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2):
-        time.sleep(1)
-    assert (run_dir / "metrics.jsonl").exists(), "training did not start"
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
-    final = wait_for_end(slurm_cluster, job, deadline)
-    log_text = read_log(tmp_path / "logs" / f"vit-pretrain-{job}.out")
-    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
-    assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
-    assert "resumed from" in log_text
-    records = metrics(run_dir)
-    assert max(records) == 100 and (run_dir / "checkpoints/step00000100/complete.json").is_file()
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
-    assert len(runs) == 1, "the requeued job continues its MLflow run"
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")})
-    assert steps == list(range(5, 101, 5)) and runs[0].info.status == "FINISHED"

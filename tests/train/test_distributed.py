@@ -32,3 +32,55 @@ def test_single_process(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     env = discover()
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+
+
+def test_threads_fit_the_cores_a_rank_may_run_on(monkeypatch, caplog):
+    import os
+
+    import torch
+
+    from pipeline.train.distributed import set_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert set_cpu_threads(1, warn=True) == 3 and torch.get_num_threads() == 3  # 4 cores less 1 worker
+        assert not caplog.records
+        assert set_cpu_threads(6, warn=True) == 1
+        assert "data.num_workers=6: this rank may run on 4 core(s)" in caplog.text
+        assert "--cpus-per-task=7" in caplog.text and "data.num_workers=3" in caplog.text
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting wins
+        assert set_cpu_threads(1, warn=False) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def _placement(rank, host, local, master_ip="10.0.0.2"):
+    return {"rank": rank, "local_rank": local, "host": host, "master": "n1:29500", "master_ip": master_ip,
+            "cpus": [local], "threads": 1, "device": "cpu"}
+
+
+def test_placements_refuse_duplicate_local_ranks_and_split_masters():
+    import pytest
+
+    from pipeline.train.distributed import check_placements, describe_placements
+
+    good = [_placement(r, f"n{r // 2 + 1}", r % 2) for r in range(4)]
+    check_placements(good)
+    assert describe_placements(good).startswith("4 ranks on 2 host(s) (n1: 0-1, n2: 2-3), master n1:29500 (10.0.0.2)")
+    global_as_local = [_placement(r, f"n{r // 2 + 1}", r // 2) for r in range(4)]  # LOCAL_RANK = node index
+    with pytest.raises(RuntimeError, match="ranks 0 and 1 both run on n1 with LOCAL_RANK 0"):
+        check_placements(global_as_local)
+    split = good[:3] + [_placement(3, "n2", 1, master_ip="127.0.1.1")]  # 'localhost'-style MASTER_ADDR on one node
+    with pytest.raises(RuntimeError, match="different addresses"):
+        check_placements(split)
+
+
+def test_placement_of_a_single_process():
+    import torch
+
+    from pipeline.train.distributed import DistEnv, gather_placements
+
+    (only,) = gather_placements(DistEnv(0, 1, 0, "single"), torch.device("cpu"))
+    assert only["rank"] == 0 and only["cpus"] and only["threads"] == torch.get_num_threads()

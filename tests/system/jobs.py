@@ -1,0 +1,36 @@
+"""What the SLURM system tests share: demo overrides, the job environment, job states."""
+
+import subprocess
+import sys
+import time
+
+from tests.helpers import ROOT
+
+
+def demo_overrides(shards, out, steps: int, tracking_uri: str | None = None) -> list[str]:
+    return [f"run.output_dir={out}", f"run.tracking_uri={tracking_uri or f'sqlite:///{out}/mlflow.db'}",
+            f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json", "data.num_workers=1",
+            f"train.total_steps={steps}", "train.log_every=5", f"train.checkpoint_every={steps}"]
+
+
+def job_env(cluster_env, **extra):
+    return dict(cluster_env, PYTHON=sys.executable, VIT_PIPELINE_ROOT=str(ROOT), DS_ACCELERATOR="cpu", **extra)
+
+
+def here(*cmd: str) -> list[str]:
+    return list(cmd)
+
+
+def job_state(cluster_env, job: str, client=here) -> dict:
+    """``scontrol show job`` as a dict; ``client`` turns a command into one run where the controller is."""
+    info = subprocess.run(client("scontrol", "show", "job", job), env=cluster_env, capture_output=True,
+                          text=True).stdout
+    return dict(field.split("=", 1) for field in info.split() if "=" in field)
+
+
+def wait_for_end(cluster_env, job: str, deadline: float, client=here) -> dict:
+    """The job's final state (a requeued job runs again before it ends)."""
+    while time.time() < deadline and job_state(cluster_env, job, client).get("JobState") not in (
+            "COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(2)
+    return job_state(cluster_env, job, client)
