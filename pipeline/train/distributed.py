@@ -100,14 +100,23 @@ def init_process_group() -> None:
     name.unlink(missing_ok=True)
 
 
-def set_cpu_threads(num_workers: int, *, warn: bool) -> int:
-    """Intra-op threads for this rank: ``OMP_NUM_THREADS`` where the user set it, else the cores
-    this process may run on (its affinity: srun's ``--cpus-per-task`` and ``--cpu-bind``) less one
-    per DataLoader worker, at least 1. The workers inherit the same cores. With ``warn``, says so
-    when the workers alone take every core."""
+def rank_cores() -> int:
+    """The cores this rank may count on: its affinity (srun's ``--cpus-per-task`` and
+    ``--cpu-bind``); where it is not bound (every core of the machine), its share among the
+    launcher's local ranks (``LOCAL_WORLD_SIZE`` from torchrun, ``LOCAL_SIZE`` from deepspeed)."""
     cores = len(os.sched_getaffinity(0))
+    if cores == os.cpu_count():
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1))
+    return max(cores, 1)
+
+
+def set_cpu_threads(num_workers: int, *, warn: bool) -> int:
+    """Intra-op threads for this rank: ``OMP_NUM_THREADS`` where the user set it, else its cores
+    (:func:`rank_cores`) less one per DataLoader worker, at least 1. The workers inherit the same
+    cores. With ``warn``, says so when the workers alone take every core."""
+    cores = rank_cores()
     if warn and num_workers >= cores:
-        log.warning("data.num_workers=%d: this rank may run on %d core(s), so its decode workers and its training "
+        log.warning("data.num_workers=%d: this rank has %d core(s), so its decode workers and its training "
                     "thread share them. Ask for more (sbatch --cpus-per-task=%d) or set data.num_workers=%d.",
                     num_workers, cores, num_workers + 1, max(cores - 1, 0))
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, cores - num_workers))

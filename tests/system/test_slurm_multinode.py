@@ -6,6 +6,7 @@ hands each rank, and preemption across nodes."""
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
@@ -121,6 +122,19 @@ def test_signal_saves_every_rank_at_one_step_and_the_job_resumes(cluster, preemp
     history = cluster.store.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted({m.step for m in history}) == list(range(1, STEPS + 1))
     assert runs[0].info.status == "FINISHED"
+
+
+def test_the_tracking_server_is_reached_from_both_nodes(cluster, preempted_pretrain):
+    """By the name each node resolves in its own /etc/hosts (rank 0, the only writer, sits on
+    the first node; a requeued job may start anywhere)."""
+    for node in NODES:
+        probe = subprocess.run(cluster.on(node, sys.executable, "-c", "import socket, urllib.request; print("
+                                          f"socket.gethostname(), urllib.request.urlopen('{cluster.tracking_uri}/health')"
+                                          ".status)"), capture_output=True, text=True, timeout=60)
+        assert probe.stdout.split() == [node, "200"], probe.stderr
+    (run,) = runs_of(cluster, "two-node")
+    uploaded = {p.name for p in (cluster.dir / "mlflow/artifacts").glob(f"*/{run.info.run_id}/artifacts/*")}
+    assert {"config.yaml", "ranks.json"} <= uploaded, uploaded  # through the server, from the first node
 
 
 def test_loss_matches_a_one_node_run(preempted_pretrain, digits_shards, tmp_path):

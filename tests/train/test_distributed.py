@@ -43,13 +43,17 @@ def test_threads_fit_the_cores_a_rank_may_run_on(monkeypatch, caplog):
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        monkeypatch.delenv(key, raising=False)
     try:
         assert set_cpu_threads(1, warn=True) == 3 and torch.get_num_threads() == 3  # 4 cores less 1 worker
         assert not caplog.records
         assert set_cpu_threads(6, warn=True) == 1
-        assert "data.num_workers=6: this rank may run on 4 core(s)" in caplog.text
+        assert "data.num_workers=6: this rank has 4 core(s)" in caplog.text
         assert "--cpus-per-task=7" in caplog.text and "data.num_workers=3" in caplog.text
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)  # not bound: a share of the node's cores
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert set_cpu_threads(1, warn=False) == 1  # 4 cores / 2 local ranks, less 1 worker
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting wins
         assert set_cpu_threads(1, warn=False) == 2
     finally:
