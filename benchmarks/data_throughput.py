@@ -4,7 +4,9 @@
 Input: 7 real photos from scikit-image at 500x375 (ImageNet-like) and 1600x1200 (web originals),
 JPEG q=90, written into WebDataset shards. Measures images/s in one process with one thread (what
 one DataLoader worker gets), alternating the two paths round by round, then the end-to-end
-training loader with 1 and 2 workers. Prints a table, then one JSON line.
+training loader with 1 and 2 workers; then the time to a worker's first batch when it resumes at
+90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`, target <= 2.0).
+Prints a table, then one JSON line.
 
     python benchmarks/data_throughput.py            # needs the bench extra: pip install -e '.[bench]'
 """
@@ -82,6 +84,47 @@ def loader_rate(shard: Path, workers: int, seconds: float, batch_size: int = 64)
     return count / (time.perf_counter() - start)
 
 
+def time_to_first_batch(spec: str, samples: int, position: list[int] | None, batch_size: int = 64,
+                        shuffle_buffer: int = 5000) -> float:
+    """Seconds from a loader's start (one worker, as each worker resumes on its own) to its first
+    batch, fresh or from a saved ``position`` (epoch, index, skipped, clean)."""
+    shards = resolve_shards(spec)
+    stream = TrainStream(shards, TrainTransform(224), batch_size=batch_size, seed=0, num_workers=1,
+                         samples_per_epoch=samples, shuffle_buffer=shuffle_buffer)
+    loader = TrainLoader(stream)
+    if position is not None:
+        loader.load_state_dict({"batches": 0, "positions": {"0": position}, "num_workers": 1, "world_size": 1,
+                                "seed": 0})
+    start = time.perf_counter()
+    next(iter(loader))
+    return time.perf_counter() - start
+
+
+def resume_cost(tmp: Path, samples: int, rounds: int) -> dict[str, float]:
+    """A worker epoch of ``samples`` 500x375 JPEGs in shards of the make_shards default size
+    (with manifest counts); time to the first batch fresh, resumed at 90% (the replay over
+    handles), and resumed at 90% by reading up to the position (what a shard failure in the
+    epoch falls back to). Medians over alternating rounds; the read-to-resume path once."""
+    from pipeline.data.shards import DEFAULT_MAX_COUNT
+    from pipeline.data.writer import index_shards
+
+    images, folder = photos_as_jpeg(500, 375), tmp / "resume"
+    folder.mkdir()
+    copies = -(-DEFAULT_MAX_COUNT // len(images))
+    for i in range(-(-samples // (copies * len(images)))):
+        write_shard(images, folder / f"train-{i:06d}.tar", copies=copies)
+    index_shards(folder, progress=False)  # the manifest counts, from the tar headers
+    spec, deep = str(folder / "train.json"), int(samples * 0.9)
+    times: dict[str, list[float]] = {"start": [], "deep": []}
+    for _ in range(rounds):
+        times["start"].append(time_to_first_batch(spec, samples, None))
+        times["deep"].append(time_to_first_batch(spec, samples, [0, deep, 0, 1]))
+    figures = {name: statistics.median(values) for name, values in times.items()}
+    figures["deep_by_reading"] = time_to_first_batch(spec, samples, [0, deep, 0, 0])
+    figures["shard_bytes"] = sum(p.stat().st_size for p in folder.glob("*.tar"))
+    return figures
+
+
 def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
     """nvjpeg decode + resized crop on the GPU, images/s (batched decode), where CUDA is present."""
     if not torch.cuda.is_available():
@@ -106,6 +149,9 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=6, help="passes over the 7 photos per round")
     parser.add_argument("--loader-seconds", type=float, default=8.0, help="timed seconds per loader run")
     parser.add_argument("--workers", default="1,2", help="loader worker counts to measure")
+    parser.add_argument("--resume-samples", type=int, default=100_000,
+                        help="samples in the worker epoch of the resume measurement (0: skip it)")
+    parser.add_argument("--resume-rounds", type=int, default=3, help="alternating rounds of the resume measurement")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker's share
 
@@ -130,12 +176,22 @@ def main() -> None:
             if gpu is not None:
                 figures[f"gpu_nvjpeg_{label}_img_s"] = round(gpu, 1)
                 rows.append((label, torch.cuda.get_device_name(), "nvjpeg decode + resized crop", gpu))
+        if args.resume_samples:
+            resume = resume_cost(Path(tmp), args.resume_samples, args.resume_rounds)
+            figures["resume_deep_vs_start"] = round(resume["deep"] / resume["start"], 3)
+            figures.update({f"resume_{k}_s": round(v, 3) for k, v in resume.items() if k != "shard_bytes"},
+                           resume_epoch_samples=args.resume_samples, resume_shard_gb=round(resume["shard_bytes"] / 1e9, 2))
 
     print(f"{'input':<10} {'setting':<24} {'path':<40} {'images/s':>9}")
     for label, setting, path, rate in rows:
         print(f"{label:<10} {setting:<24} {path:<40} {rate:>9.1f}")
     print(f"speedup (fast / baseline): 500x375 {figures['speedup_500x375']:.2f}x, "
           f"1600x1200 {figures['speedup_1600x1200']:.2f}x  (targets: >= 1.1x, >= 2.0x)")
+    if "resume_deep_vs_start" in figures:
+        print(f"time to a worker's first batch ({figures['resume_epoch_samples']:,}-sample epoch, buffer 5000): "
+              f"fresh {figures['resume_start_s']:.2f} s, resumed at 90% {figures['resume_deep_s']:.2f} s "
+              f"(by reading up to it: {figures['resume_deep_by_reading_s']:.2f} s); "
+              f"resume_deep_vs_start {figures['resume_deep_vs_start']:.2f} (target <= 2.0)")
     figures.update(machine=platform.machine(), cpu_count=os.cpu_count(),
                    torch=torch.__version__)
     print(json.dumps(figures))

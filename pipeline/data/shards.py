@@ -6,6 +6,7 @@ or a ``pipe:`` command for object stores (``pipe:aws s3 cp s3://b/train-000000.t
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import multiprocessing
@@ -139,43 +140,95 @@ def check_exist(shards: ShardSet) -> None:
 # Tar headers: samples found without reading their payloads
 
 
-def _sample_members(path: str) -> Iterator[tuple[tarfile.TarInfo, str, str, tarfile.TarFile]]:
-    """(member, key, extension, tar) for each file of each sample of a local shard, found by
-    walking the headers alone: tarfile's random-access mode seeks past every payload, so no
-    payload is read unless the caller extracts one. Files are grouped as webdataset groups them:
-    consecutive regular files sharing a key, metadata entries (``__name__``) left out."""
-    with open(path, "rb", buffering=0) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        while (member := tar.next()) is not None:
-            name = member.name
-            if member.isreg() and not re.match(r"__[^/]*__($|/)", name):
-                key, ext = wds.tariterators.base_plus_ext(name)
-                if key is not None:
-                    yield member, key, ext, tar
-            tar.members = []  # keep no list of headers (a shard may hold 100,000 members)
+def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
+    """(name, offset of its first header, offset of its data, size) of each regular file of a
+    local tar, from the 512-byte headers alone, read with ``os.pread`` at the offsets their sizes
+    give: no payload is read but the extended headers' (pax ``path``, GNU long names). A file's
+    first header is its first extended header, if it has any: a read from there is a valid tar."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset, first, long_name = 0, None, None
+        while len(header := os.pread(fd, tarfile.BLOCKSIZE, offset)) == tarfile.BLOCKSIZE and any(header):
+            # the unsigned sum with the checksum field as spaces (tarfile's check, signed sums aside)
+            if tarfile.nti(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]) \
+                    and tarfile.nti(header[148:156]) not in tarfile.calc_chksums(header):
+                raise tarfile.ReadError(f"{path}: bad tar header checksum at byte {offset}")
+            size, kind = tarfile.nti(header[124:136]), header[156:157]
+            data = offset + tarfile.BLOCKSIZE
+            first = offset if first is None else first
+            if kind == tarfile.XHDTYPE:
+                records = os.pread(fd, size, data).decode("utf-8", "surrogateescape")
+                long_name = next((r.split("=", 1)[1] for r in records.split("\n") if " path=" in r), long_name)
+            elif kind == tarfile.GNUTYPE_LONGNAME:
+                long_name = os.pread(fd, size, data).rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif kind not in (tarfile.XGLTYPE, tarfile.GNUTYPE_LONGLINK):
+                name = header[:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and header[345] != 0:
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+                if kind in tarfile.REGULAR_TYPES:
+                    yield long_name or name.decode("utf-8", "surrogateescape"), first, data, size
+                first, long_name = None, None
+            offset = data + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    finally:
+        os.close(fd)
 
 
-def sample_offsets(path: str) -> Iterator[int]:
+def _sample_members(path: str) -> Iterator[tuple[str, str, int, int, int]]:
+    """(key, extension, first header offset, data offset, size) for each file of each sample of a
+    local shard, from its tar headers alone. Files are grouped as webdataset groups them:
+    consecutive files sharing a key, metadata entries (``__name__``) left out."""
+    for name, first, data, size in _tar_entries(path):
+        if not re.match(r"__[^/]*__($|/)", name):
+            key, ext = wds.tariterators.base_plus_ext(name)
+            if key is not None:
+                yield key, ext.lower(), first, data, size
+
+
+def _samples_of(path: str) -> Iterator[tuple[str, int, dict[str, tuple[int, int]]]]:
+    """(key, first header offset, {extension: (data offset, size)}) for each sample of a local shard."""
+    current = None
+    for key, ext, first, data, size in _sample_members(path):
+        if current is not None and key != current[0]:
+            yield current
+            current = None
+        current = current or (key, first, {})
+        current[2][ext] = (data, size)
+    if current is not None:
+        yield current
+
+
+def shard_index(path: str) -> list[tuple[str, int, dict[str, tuple[int, int]]]]:
+    """:func:`_samples_of` as a list, for the last two shards asked about (keyed on path, mtime
+    and size, about 2 MB for 10,000 samples): resuming a training stream and reading on from the
+    same shard walk its headers once."""
+    stat = os.stat(path)
+    return _cached_index(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_index(path: str, mtime_ns: int, size: int) -> list[tuple[str, int, dict[str, tuple[int, int]]]]:
+    return list(_samples_of(path))
+
+
+def sample_offsets(path: str) -> list[int]:
     """The byte offset of each sample's first tar header in a local shard (headers only)."""
-    previous = None
-    for member, key, _, _ in _sample_members(path):
-        if key != previous:
-            previous = key
-            yield member.offset
+    return [first for _, first, _ in shard_index(path)]
 
 
 def index_shard(path: str) -> tuple[int, set[int]]:
     """Samples in a local shard and the labels its ``.cls`` files hold: tar headers, plus the few
     bytes of each ``.cls``; no image byte is read."""
-    count, labels, previous = 0, set(), None
-    for member, key, ext, tar in _sample_members(path):
-        if key != previous:
-            previous, count = key, count + 1
-        if ext == "cls":
-            text = tar.extractfile(member).read().strip()
-            try:
-                labels.add(int(text))
-            except ValueError:
-                raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not a class index") from None
+    count, labels = 0, set()
+    with open(path, "rb") as f:
+        for key, _, files in _samples_of(path):
+            count += 1
+            if "cls" in files:
+                data, size = files["cls"]
+                text = os.pread(f.fileno(), size, data).strip()
+                try:
+                    labels.add(int(text))
+                except ValueError:
+                    raise ValueError(f"{path}: {key}.cls holds {text[:20]!r}, not a class index") from None
     return count, labels
 
 
@@ -211,7 +264,7 @@ def shard_samples(url: str, skip: int = 0, count: int | None = None, handler=wds
         yield from wds.tarfile_samples([{"url": url}], handler=handler)
         return
     stop = None if count is None else skip + count + 1
-    offsets = list(itertools.islice(sample_offsets(url), skip, stop))
+    offsets = sample_offsets(url)[skip:stop]
     if not offsets:
         return
     length = offsets[-1] - offsets[0] if count is not None and len(offsets) == count + 1 else None
@@ -223,8 +276,22 @@ def shard_samples(url: str, skip: int = 0, count: int | None = None, handler=wds
         stream.close()
 
 
+def shard_members(url: str, members: Iterable[int]) -> Iterator[tuple[int, dict]]:
+    """(index, sample) for the given sample indices of one local shard, in increasing order: its
+    tar headers walked (:func:`shard_index`), then each wanted file read by its offset; no other
+    byte of the shard is read. Samples are as webdataset's ``tarfile_samples`` gives them."""
+    index = shard_index(url)
+    with open(url, "rb") as f:
+        for i in sorted(set(members)):
+            if i >= len(index):
+                raise IndexError(f"shard '{url}' has {len(index)} samples, not {i + 1}")
+            key, _, files = index[i]
+            yield i, {"__key__": key, "__url__": url,
+                      **{ext: os.pread(f.fileno(), size, data) for ext, (data, size) in files.items()}}
+
+
 def count_samples(url: str) -> int:
     """Samples in one shard: from its tar headers when it is local, else by reading it."""
     if is_seekable(url):
-        return sum(1 for _ in sample_offsets(url))
+        return len(sample_offsets(url))
     return sum(1 for _ in wds.tarfile_samples([{"url": url}]))

@@ -3,7 +3,9 @@
 Training: resampled shards seeded by (seed, rank, worker, epoch) -> tar samples -> shuffle buffer
 -> decode + augment -> batches of uint8 tensors, all in DataLoader workers. Each batch carries its
 worker's position so that the loader can save it and a restored loader yields exactly the batches
-the uninterrupted run would have yielded (same world size and worker count).
+the uninterrupted run would have yielded (same world size and worker count). A restored worker
+replays its shuffle over sample handles and reads only what was in its buffer
+(:meth:`TrainStream.epoch_samples`).
 
 Evaluation: every sample exactly once across ranks and workers, by global sample index; every
 rank yields the same number of batches (padded and masked), so collective forwards never hang.
@@ -26,7 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_samples, shuffle_samples
+from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_members, shard_samples, shuffle_samples
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -79,15 +81,37 @@ class _ShardErrors:
         return True
 
 
-def read_shards(sources: Iterator[dict], expected: dict[str, int], errors: _ShardErrors) -> Iterator[dict]:
-    """Samples of each shard in turn; a shard shorter than its manifest count is reported."""
-    for source in sources:
+def read_shards(sources: Iterator[tuple[str, int]], expected: dict[str, int], errors: _ShardErrors) -> Iterator[dict]:
+    """Samples of each (shard, first sample) in turn; a shard shorter than its manifest count is
+    reported. A local shard entered mid-way is read from that sample's byte offset on."""
+    for url, skip in sources:
         got = 0
-        for got, sample in enumerate(wds.tarfile_samples([source], handler=errors), start=1):
-            yield sample
-        if got < expected.get(source["url"], 0):
-            errors.short(source["url"], expected[source["url"]], got)
+        try:
+            samples = shard_samples(url, skip=skip, handler=errors) if skip else \
+                wds.tarfile_samples([{"url": url}], handler=errors)
+            for got, sample in enumerate(samples, start=1):
+                yield sample
+        except Exception as e:  # noqa: BLE001 - the handler decides (it gives up after many in a row)
+            errors(e)
+        if got < expected.get(url, 0) - skip:
+            errors.short(url, expected[url] - skip, got)
 
+
+def shuffled(data: Iterator, buf: list, bufsize: int, initial: int, rng: random.Random) -> Iterator:
+    """webdataset's shuffle (``webdataset.filters._shuffle``: the same draws, hence the same
+    order) over a buffer the caller holds. Stopped right after a yield and started again on the
+    same buffer and RNG, it goes on exactly as it would have: so a replay over sample handles can
+    hand its buffer, filled with the real samples, to the real stream."""
+    initial = min(initial, bufsize)
+    for sample in data:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(data))
+            except StopIteration:
+                pass
+        if len(buf) >= initial:
+            yield wds.filters.pick(buf, rng)
 
 
 class TrainStream(IterableDataset):
@@ -122,32 +146,75 @@ class TrainStream(IterableDataset):
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
         self.samples_per_worker_epoch = max(1, samples_per_epoch // (world_size * max(num_workers, 1)))
         self.shuffle_buffer = shuffle_samples(shuffle_buffer, shards)
-        self.start: dict[int, tuple[int, int, int]] = {}  # logical worker -> (epoch, index, skipped)
+        self.start: dict[int, tuple[int, int, int, int]] = {}  # logical worker -> (epoch, index, skipped, clean)
         self.rotation = 0  # logical worker = (physical + rotation) % workers
 
-    def epoch_samples(self, worker: int, epoch: int, errors: _ShardErrors) -> Iterator[dict]:
-        """The raw (undecoded) samples of one worker's epoch, in their shuffled order."""
+    def epoch_samples(self, worker: int, epoch: int, errors: _ShardErrors, start: int = 0,
+                      replay: bool = True) -> Iterator[dict]:
+        """The raw (undecoded) samples of one worker's epoch in their shuffled order, from the
+        ``start``-th on. Shards are resampled and shuffled with RNGs seeded by (seed, rank,
+        worker, epoch). Resuming mid-epoch (``start``), the shuffle is replayed over (shard,
+        sample) handles, which needs no byte of data, where every shard is local with a manifest
+        count and ``replay`` holds (no shard of this epoch failed to read); then only the samples
+        left in the shuffle buffer are read, each over its own byte range, and reading goes on from
+        the next sample's offset. Otherwise the samples before ``start`` are read and dropped."""
         shard_rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, 0))
-        resampled = ({"url": shard_rng.choice(self.urls)} for _ in itertools.count())
-        buffer = self.shuffle_buffer
-        return wds.DataPipeline(
-            lambda: resampled,  # resampled shards, seeded by (seed, rank, worker, epoch)
-            partial(read_shards, expected=self.expected, errors=errors),  # tar -> {"__key__", "jpg", "cls"}
-            wds.shuffle(buffer, initial=min(buffer, 1000), rng=random.Random(seed_of(self.seed, self.rank, worker, epoch, 1))),
-            wds.slice(self.samples_per_worker_epoch),  # this worker's share of the epoch
-        ).iterator()
+        rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, 1))
+        drawn: list[str] = []  # the epoch's resampled shards, drawn as far as needed
+
+        def shard(j: int) -> str:
+            while len(drawn) <= j:
+                drawn.append(shard_rng.choice(self.urls))
+            return drawn[j]
+
+        buf, size = [], self.shuffle_buffer
+        initial = min(size, 1000)
+        length = self.samples_per_worker_epoch
+        read = partial(read_shards, expected=self.expected, errors=errors)
+        if not (start and replay and self.replayable):
+            sources = ((shard(j), 0) for j in itertools.count())
+            return itertools.islice(shuffled(read(sources), buf, size, initial, rng), start, length)
+        last = [(0, -1)]
+
+        def handles() -> Iterator[tuple[int, int]]:
+            for j in itertools.count():
+                for m in range(self.expected[shard(j)]):
+                    last[0] = (j, m)
+                    yield j, m
+
+        for _ in itertools.islice(shuffled(handles(), buf, size, initial, rng), start):
+            pass
+        j, m = last[0]
+        j, m = (j + 1, 0) if m + 1 >= self.expected[shard(j)] else (j, m + 1)  # the next sample to read
+        wanted: dict[str, set[int]] = {}
+        for handle in buf:
+            wanted.setdefault(shard(handle[0]), set()).add(handle[1])
+        got: dict[tuple[str, int], dict] = {}
+        for url, members in wanted.items():
+            try:
+                got.update(((url, i), sample) for i, sample in shard_members(url, members))
+            except Exception as e:  # noqa: BLE001
+                errors(e)
+        buf[:] = [got[key] for key in ((shard(h[0]), h[1]) for h in buf) if key in got]
+        sources = ((shard(i), m if i == j else 0) for i in itertools.count(j))
+        return itertools.islice(shuffled(read(sources), buf, size, initial, rng), length - start)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a mid-epoch resume can replay the shuffle without reading: local shards, all counted."""
+        return all(self.expected.get(u) is not None for u in self.urls) and all(map(is_seekable, self.urls))
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + self.rotation) % workers
-        epoch, index, skipped = self.start.get(worker, (0, 0, 0))
+        epoch, index, skipped, clean = self.start.get(worker, (0, 0, 0, 1))
         errors = _ShardErrors()
         images, labels = [], []
         while True:
-            # Resume inside an epoch by skipping raw samples, before any decoding.
-            samples = itertools.islice(self.epoch_samples(worker, epoch, errors), index, None)
-            for index, sample in enumerate(samples, start=index + 1):
+            failed_before = errors.count
+            for index, sample in enumerate(self.epoch_samples(worker, epoch, errors, index, bool(clean)),
+                                           start=index + 1):
                 errors.consecutive = 0
                 rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, index))
                 try:
@@ -159,13 +226,16 @@ class TrainStream(IterableDataset):
                 images.append(image)
                 labels.append(label)
                 if len(images) == self.batch_size:
+                    # position: where a restored worker starts; clean: no shard read failed in this
+                    # epoch, so a resume may replay it from the manifest's counts
+                    clean = int(clean and errors.count == failed_before)
                     yield {
                         "images": torch.stack(images),
                         "labels": torch.tensor(labels, dtype=torch.int64),
-                        "position": torch.tensor([worker, epoch, index, skipped + errors.count]),
+                        "position": torch.tensor([worker, epoch, index, skipped + errors.count, clean]),
                     }
                     images, labels = [], []
-            epoch, index = epoch + 1, 0
+            epoch, index, clean = epoch + 1, 0, 1
 
 
 class TrainLoader:
@@ -177,7 +247,7 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.batches = 0
-        self.positions: dict[int, tuple[int, int, int]] = {}
+        self.positions: dict[int, tuple[int, int, int, int]] = {}
 
     @property
     def skipped(self) -> int:
@@ -205,8 +275,8 @@ class TrainLoader:
             generator=torch.Generator().manual_seed(self.stream.seed),
         )
         for batch in loader:
-            worker, epoch, index, skipped = batch.pop("position").tolist()
-            self.positions[worker] = (epoch, index, skipped)
+            worker, *position = batch.pop("position").tolist()
+            self.positions[worker] = tuple(position)
             self.batches += 1
             yield batch
 
@@ -221,7 +291,8 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state["batches"])
-        positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+        # (epoch, index, skipped, clean); a position saved before `clean` existed replays by reading
+        positions = {int(k): (*v, 0)[:4] for k, v in state["positions"].items()}
         same = state["num_workers"] == self.num_workers and state["world_size"] == self.stream.world_size
         if same:
             self.positions = positions
@@ -233,7 +304,7 @@ class TrainLoader:
                 "data position saved with %s workers x %s ranks, now %s x %s: the stream restarts at epoch %d",
                 state["num_workers"], state["world_size"], self.num_workers, self.stream.world_size, next_epoch,
             )
-            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0) for w in range(max(self.num_workers, 1))}
+            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0, 1) for w in range(max(self.num_workers, 1))}
 
 
 # ---------------------------------------------------------------------------------------------

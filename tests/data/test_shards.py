@@ -151,6 +151,37 @@ def test_tar_headers_give_sample_counts_and_offsets(make_shards, tmp_path):
     assert list(shard_samples(url, skip=7)) == []
 
 
+@pytest.mark.parametrize("fmt", ["pax-float-mtime", "pax-long-names", "gnu-long-names", "ustar-prefix"])
+def test_header_walk_finds_what_webdataset_reads(tmp_path, fmt):
+    """Samples read by their offsets from the header walk equal webdataset's, whatever headers
+    the writer used: webdataset's default (a pax header per file for its float mtime), pax and
+    GNU long names, ustar name prefixes."""
+    import tarfile
+
+    from pipeline.data.shards import count_samples, shard_members, shard_samples
+
+    path = tmp_path / f"{fmt}.tar"
+    stem = {"pax-float-mtime": "k", "ustar-prefix": "d" * 120 + "/k"}.get(fmt, "d" * 120 + "/" + "k" * 30)
+    if fmt == "pax-float-mtime":
+        with wds.TarWriter(str(path)) as sink:
+            for i in range(7):
+                sink.write({"__key__": f"{stem}{i:03d}", "jpg": bytes([i]) * (100 + 300 * i), "cls": str(i).encode()})
+    else:
+        tar_format = {"pax-long-names": tarfile.PAX_FORMAT, "gnu-long-names": tarfile.GNU_FORMAT}.get(fmt, tarfile.USTAR_FORMAT)
+        with tarfile.open(path, "w", format=tar_format) as tar:
+            for i in range(7):
+                for ext, data in (("jpg", bytes([i]) * (100 + 300 * i)), ("cls", str(i).encode())):
+                    info = tarfile.TarInfo(f"{stem}{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    expected = list(wds.tarfile_samples([{"url": str(path)}]))
+    assert len(expected) == 7 and count_samples(str(path)) == 7
+    got = dict(shard_members(str(path), [6, 0, 3]))
+    for i in (0, 3, 6):
+        assert got[i] == {k: v for k, v in expected[i].items() if k != "__local_path__"}, i
+    assert [s["__key__"] for s in shard_samples(str(path), skip=2, count=3)] == [s["__key__"] for s in expected[2:5]]
+
+
 def test_preflight_reports_labels_outside_the_classes(tmp_path, make_shards):
     spec, keys = make_shards([7], name="train")
     manifest = {"split": "train", "num_samples": 7, "classes": [str(i) for i in range(5)],

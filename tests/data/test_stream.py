@@ -24,22 +24,82 @@ def take(loader, n):
     return [(b["images"].clone(), b["labels"].clone()) for b in itertools.islice(loader, n)]
 
 
+@pytest.mark.parametrize("counted", [False, True], ids=["read-to-resume", "replay-handles"])
 @pytest.mark.parametrize("num_workers, first", [(0, 5), (2, 5), (2, 4)])
-def test_resume_yields_the_same_batches(make_shards, num_workers, first):
+def test_resume_yields_the_same_batches(make_shards, num_workers, first, counted):
     # 3 shards of 10 samples, 30 per epoch: 11 batches of 4 cross epoch boundaries in each worker.
+    # With manifest counts a resume replays the shuffle over handles and reads only its buffer.
     spec, _ = make_shards([10, 10, 10])
-    straight = take(train_loader(spec, num_workers, samples_per_epoch=30), 11)
+    counts = [10, 10, 10] if counted else None
+    straight = take(train_loader(spec, num_workers, samples_per_epoch=30, counts=counts), 11)
 
-    before = train_loader(spec, num_workers, samples_per_epoch=30)
+    before = train_loader(spec, num_workers, samples_per_epoch=30, counts=counts)
     head = take(before, first)
     state = before.state_dict()
-    after = train_loader(spec, num_workers, samples_per_epoch=30)
+    after = train_loader(spec, num_workers, samples_per_epoch=30, counts=counts)
+    assert after.stream.replayable == counted
     after.load_state_dict(state)
     tail = take(after, 11 - first)
     for i, ((a_images, a_labels), (b_images, b_labels)) in enumerate(zip(straight, head + tail)):
         torch.testing.assert_close(a_images, b_images, rtol=0, atol=0, msg=f"batch {i}")
         torch.testing.assert_close(a_labels, b_labels, rtol=0, atol=0, msg=f"batch {i}")
     assert after.batches == 11
+
+
+def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch):
+    """Resumed at 80% of a 200-sample worker epoch (buffer 16): the replay over handles reads the
+    16 buffered samples and what the next batches need, where reading up to the position would
+    read 160 first. The batches equal the uninterrupted run's, a shard failure in the epoch
+    falls back to reading, and a pre-existing 3-field position too."""
+    import pipeline.data.stream as stream_module
+
+    spec, _ = make_shards([10] * 20)
+    counts = [10] * 20
+    straight = take(train_loader(spec, samples_per_epoch=200, counts=counts), 44)
+    before = train_loader(spec, samples_per_epoch=200, counts=counts)
+    take(before, 40)
+    state = before.state_dict()
+    assert state["positions"]["0"][:2] == [0, 160] and state["positions"]["0"][3] == 1
+
+    read = []
+    for name in ("shard_samples", "shard_members"):
+        original = getattr(stream_module, name)
+
+        def counting(*args, _original=original, **kw):
+            for item in _original(*args, **kw):
+                read.append(item)
+                yield item
+
+        monkeypatch.setattr(stream_module, name, counting)
+    original_tar = stream_module.wds.tarfile_samples
+    monkeypatch.setattr(stream_module.wds, "tarfile_samples",
+                        lambda *a, **kw: (read.append(s) or s for s in original_tar(*a, **kw)))
+
+    def resumed(position):
+        read.clear()
+        after = train_loader(spec, samples_per_epoch=200, counts=counts)
+        after.load_state_dict(dict(state, positions={"0": position}))
+        tail = take(after, 4)
+        for i, ((a, _), (b, _)) in enumerate(zip(straight[40:], tail)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"batch {40 + i}")
+        return len(read)
+
+    replayed = resumed(state["positions"]["0"])
+    assert replayed <= 16 + 4 * 4 + 10, replayed
+    assert resumed(state["positions"]["0"][:3] + [0]) >= 160  # a shard failed in this epoch: read to resume
+    assert resumed(state["positions"]["0"][:3]) >= 160  # saved before positions said
+
+
+def test_shuffle_draws_as_webdatasets_does():
+    import random
+
+    import webdataset as wds
+
+    from pipeline.data.stream import shuffled
+
+    ours = list(shuffled(iter(range(500)), [], 64, 10, random.Random(3)))
+    theirs = list(wds.filters._shuffle(iter(range(500)), 64, 10, rng=random.Random(3)))
+    assert ours == theirs[:len(ours)] and len(ours) > 400
 
 
 def test_ranks_and_seeds_give_different_streams(make_shards):
@@ -77,7 +137,7 @@ def test_bad_samples_are_skipped_counted_and_named(make_shards, caplog):
         for _ in itertools.islice(loader, 40):
             pass
     # Replay the raw (undecoded) order up to the saved position and count the bad keys in it.
-    epoch, index, skipped = loader.positions[0]
+    epoch, index, skipped, _ = loader.positions[0]
     stream = loader.stream
     raw = [s["__key__"] for e in range(epoch + 1)
            for s in itertools.islice(stream.epoch_samples(0, e, errors=None), index if e == epoch else None)]
