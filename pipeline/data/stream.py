@@ -66,14 +66,23 @@ class _ShardErrors:
     def __init__(self):
         self.count = 0
         self.consecutive = 0
+        self.events = 0  # shard reads that went other than the manifest says: a resume must read to replay
 
     def short(self, url: str, expected: int, got: int) -> None:
         """A shard that ended early (Python's streaming tar reader is silent about truncation)."""
         self.count += expected - got
+        self.events += 1
         log.warning("shard '%s' gave %d of its %d samples (truncated?): %d skipped", url, got, expected, expected - got)
+
+    def long(self, url: str, expected: int, got: int) -> None:
+        """A shard with more samples than its manifest says (rewritten since it was indexed?)."""
+        self.events += 1
+        log.warning("shard '%s' holds at least %d samples, its manifest says %d: re-run make_shards.py --index",
+                    url, got, expected)
 
     def __call__(self, exn: Exception) -> bool:
         self.count += 1
+        self.events += 1
         self.consecutive += 1
         log.warning("unreadable shard data, skipped: %r", exn)
         if self.consecutive >= MAX_CONSECUTIVE_SHARD_ERRORS:
@@ -90,6 +99,8 @@ def read_shards(sources: Iterator[tuple[str, int]], expected: dict[str, int], er
             samples = shard_samples(url, skip=skip, handler=errors) if skip else \
                 wds.tarfile_samples([{"url": url}], handler=errors)
             for got, sample in enumerate(samples, start=1):
+                if got == expected.get(url, -1) - skip + 1:
+                    errors.long(url, expected[url], skip + got)
                 yield sample
         except Exception as e:  # noqa: BLE001 - the handler decides (it gives up after many in a row)
             errors(e)
@@ -212,7 +223,7 @@ class TrainStream(IterableDataset):
         errors = _ShardErrors()
         images, labels = [], []
         while True:
-            failed_before = errors.count
+            events_before = errors.events
             for index, sample in enumerate(self.epoch_samples(worker, epoch, errors, index, bool(clean)),
                                            start=index + 1):
                 errors.consecutive = 0
@@ -228,7 +239,7 @@ class TrainStream(IterableDataset):
                 if len(images) == self.batch_size:
                     # position: where a restored worker starts; clean: no shard read failed in this
                     # epoch, so a resume may replay it from the manifest's counts
-                    clean = int(clean and errors.count == failed_before)
+                    clean = int(clean and errors.events == events_before)
                     yield {
                         "images": torch.stack(images),
                         "labels": torch.tensor(labels, dtype=torch.int64),

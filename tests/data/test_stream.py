@@ -90,6 +90,15 @@ def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch):
     assert resumed(state["positions"]["0"][:3]) >= 160  # saved before positions said
 
 
+def test_a_shard_longer_than_its_manifest_is_named_and_not_replayed(make_shards, caplog):
+    spec, _ = make_shards([10, 10])
+    loader = train_loader(spec, samples_per_epoch=40, counts=[8, 8])  # shards rewritten since indexed
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.stream"):
+        take(loader, 8)
+    assert "holds at least 9 samples, its manifest says 8: re-run make_shards.py --index" in caplog.text
+    assert loader.positions[0][3] == 0  # a resume of this epoch reads up to its position
+
+
 def test_shuffle_draws_as_webdatasets_does():
     import random
 
