@@ -25,8 +25,6 @@ def _spawn(fn, *args) -> None:
 
 
 def _weights_worker(rank, port, good, out_dir):
-    import torch.distributed as dist
-
     from pipeline.train.consolidate import build_model
 
     init_local_group(rank, 2, port)
@@ -40,9 +38,17 @@ def _weights_worker(rank, port, good, out_dir):
     except Exception as e:  # noqa: BLE001
         result = f"{type(e).__name__}: {e}"
     (Path(out_dir) / f"error{rank}.txt").write_text(result)
-    dist.destroy_process_group()
     # build_model imported DeepSpeed's ZeRO code (and torch._dynamo) after the group existed: the
-    # group must still be freed, or gloo's threads outlive the interpreter and can abort the exit
+    # group must still be freed
+    _leave_group(rank, out_dir)
+
+
+def _leave_group(rank, out_dir):
+    """Destroy the group and record the gloo threads left: any would outlive the interpreter and
+    can abort its exit (SIGABRT, 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
     threads = [Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
     (Path(out_dir) / f"threads{rank}.txt").write_text(" ".join(t for t in threads if "gloo" in t))
 
@@ -72,6 +78,7 @@ def _resume_worker(rank, port, views, out_dir):
     init_local_group(rank, 2, port)
     chosen = agree_on_resume("auto", Path(views[rank]), {"variant": "mu/2"}, world_size=2)
     (Path(out_dir) / f"resume{rank}.txt").write_text(str(chosen))
+    _leave_group(rank, out_dir)
 
 
 def _checkpoint(directory: Path, step: int) -> Path:
@@ -88,3 +95,4 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path):
     _checkpoint(stale, 4)  # what a rank with an old directory listing would see
     _spawn(_resume_worker, [str(fresh), str(stale)], str(tmp_path))
     assert [(tmp_path / f"resume{r}.txt").read_text() for r in (0, 1)] == [str(newest)] * 2
+    assert [(tmp_path / f"threads{r}.txt").read_text() for r in (0, 1)] == ["", ""], "gloo threads left"
