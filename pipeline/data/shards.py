@@ -7,21 +7,26 @@ or a ``pipe:`` command for object stores (``pipe:aws s3 cp s3://b/train-000000.t
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
 import tarfile
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import braceexpand
+import numpy as np
 from pydantic import ByteSize
 import webdataset as wds
 
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_COUNT = 10_000  # samples per shard written (make_shards.py --max-count)
 
@@ -140,6 +145,22 @@ def check_exist(shards: ShardSet) -> None:
 # Tar headers: samples found without reading their payloads
 
 
+def _number(field: bytes) -> int:
+    """A tar header's numeric field: octal text (the common case, parsed directly), else tarfile's
+    reading (base-256 for large values)."""
+    if field[:1] not in (b"\x80", b"\xff"):
+        text = field.split(b"\0", 1)[0].strip()
+        return int(text, 8) if text else 0
+    return tarfile.nti(field)
+
+
+def _header_ok(header: bytes) -> bool:
+    """Whether a 512-byte block is a tar header: its checksum field equals the sum of its bytes
+    with that field as spaces (unsigned, or signed as some old tars have it)."""
+    checksum = _number(header[148:156])
+    return checksum == sum(header) - sum(header[148:156]) + 256 or checksum in tarfile.calc_chksums(header)
+
+
 def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
     """(name, offset of its first header, offset of its data, size) of each regular file of a
     local tar, from the 512-byte headers alone, read with ``os.pread`` at the offsets their sizes
@@ -149,11 +170,9 @@ def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
     try:
         offset, first, long_name = 0, None, None
         while len(header := os.pread(fd, tarfile.BLOCKSIZE, offset)) == tarfile.BLOCKSIZE and any(header):
-            # the unsigned sum with the checksum field as spaces (tarfile's check, signed sums aside)
-            if tarfile.nti(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]) \
-                    and tarfile.nti(header[148:156]) not in tarfile.calc_chksums(header):
+            if not _header_ok(header):
                 raise tarfile.ReadError(f"{path}: bad tar header checksum at byte {offset}")
-            size, kind = tarfile.nti(header[124:136]), header[156:157]
+            size, kind = _number(header[124:136]), header[156:157]
             data = offset + tarfile.BLOCKSIZE
             first = offset if first is None else first
             if kind == tarfile.XHDTYPE:
@@ -173,12 +192,15 @@ def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
         os.close(fd)
 
 
+_META = re.compile(r"__[^/]*__($|/)")
+
+
 def _sample_members(path: str) -> Iterator[tuple[str, str, int, int, int]]:
     """(key, extension, first header offset, data offset, size) for each file of each sample of a
     local shard, from its tar headers alone. Files are grouped as webdataset groups them:
     consecutive files sharing a key, metadata entries (``__name__``) left out."""
     for name, first, data, size in _tar_entries(path):
-        if not re.match(r"__[^/]*__($|/)", name):
+        if not _META.match(name):
             key, ext = wds.tariterators.base_plus_ext(name)
             if key is not None:
                 yield key, ext.lower(), first, data, size
@@ -197,39 +219,135 @@ def _samples_of(path: str) -> Iterator[tuple[str, int, dict[str, tuple[int, int]
         yield current
 
 
-def shard_index(path: str) -> list[tuple[str, int, dict[str, tuple[int, int]]]]:
-    """:func:`_samples_of` as a list, for the last two shards asked about (keyed on path, mtime
-    and size, about 2 MB for 10,000 samples): resuming a training stream and reading on from the
-    same shard walk its headers once."""
+@dataclass
+class ShardIndex:
+    """Where each sample of a local shard lies, in columns: its key, the offset of its first tar
+    header, and for each file extension the (data offset, size) of the sample's file (-1, -1 where
+    it has none). About 40 bytes a sample."""
+
+    keys: np.ndarray  # str
+    first: np.ndarray  # int64 (n,)
+    files: dict[str, np.ndarray]  # ext -> int64 (n, 2)
+
+    @classmethod
+    def walk(cls, path: str) -> "ShardIndex":
+        """From the shard's tar headers (:func:`_samples_of`)."""
+        samples = list(_samples_of(path))
+        files = {}
+        for i, (_, _, found) in enumerate(samples):
+            for ext, where in found.items():
+                files.setdefault(ext, np.full((len(samples), 2), -1, dtype=np.int64))[i] = where
+        return cls(np.array([key for key, _, _ in samples], dtype=str),
+                   np.array([first for _, first, _ in samples], dtype=np.int64), files)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def sample(self, i: int) -> tuple[str, dict[str, tuple[int, int]]]:
+        """Sample ``i``'s key and {extension: (data offset, size)}."""
+        return str(self.keys[i]), {ext: (int(w[i, 0]), int(w[i, 1])) for ext, w in self.files.items() if w[i, 1] >= 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample index sidecars: a shard's header walk, kept next to it
+
+
+SIDECAR_SUFFIX = ".idx.npz"  # train-000000.tar -> train-000000.tar.idx.npz
+SIDECAR_VERSION = 1
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(f"{path}{SIDECAR_SUFFIX}")
+
+
+def write_sidecar(path: str | Path, index: ShardIndex | None = None) -> Path:
+    """Write ``SHARD.tar.idx.npz``: the shard's :class:`ShardIndex` (walked here unless given),
+    with the tar's size to tell a stale one. Written whole or not at all."""
+    index = ShardIndex.walk(str(path)) if index is None else index
+    arrays = {"version": np.int64(SIDECAR_VERSION), "tar_bytes": np.int64(os.path.getsize(path)), "keys": index.keys,
+              "first": index.first, **{f"file.{ext}": where for ext, where in sorted(index.files.items())}}
+    out, partial = sidecar_path(path), Path(f"{path}.idx.tmp")
+    # np.savez's layout, with fixed zip timestamps: the same shard gives the same bytes
+    with zipfile.ZipFile(partial, "w") as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+    os.replace(partial, out)
+    return out
+
+
+def _file_ok(fd: int, data: int, size: int) -> bool:
+    """Whether the block before ``data`` is a tar header of a file of ``size`` bytes."""
+    header = os.pread(fd, tarfile.BLOCKSIZE, data - tarfile.BLOCKSIZE)
+    return len(header) == tarfile.BLOCKSIZE and _header_ok(header) and _number(header[124:136]) == size
+
+
+def _read_sidecar(path: str, tar_bytes: int) -> ShardIndex | None:
+    """The sidecar's index if it is there and fits the shard (its size, and the headers of its
+    first, middle and last samples' files); otherwise None, with a warning if there is one."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        with np.load(side, allow_pickle=False) as saved:
+            index = ShardIndex(saved["keys"], saved["first"],
+                               {name.split(".", 1)[1]: saved[name] for name in saved.files if name.startswith("file.")})
+            fits = int(saved["version"]) == SIDECAR_VERSION and int(saved["tar_bytes"]) == tar_bytes
+        if fits and len(index):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fits = all(_file_ok(fd, *where) for i in {0, len(index) // 2, len(index) - 1}
+                           for where in index.sample(i)[1].values())
+            finally:
+                os.close(fd)
+    except (ValueError, KeyError, OSError) as e:
+        log.warning("sample index '%s' is unreadable (%r): walking the tar headers instead", side, e)
+        return None
+    if not fits:
+        log.warning("sample index '%s' does not fit its shard (rewritten since?): walking the tar headers instead; "
+                    "make_shards.py --index %s writes a new one", side, Path(path).parent)
+        return None
+    return index
+
+
+def shard_index(path: str, walk: bool = False) -> ShardIndex:
+    """The shard's sample index: from its sidecar where one fits (make_shards.py writes them, and
+    ``--index`` for shards made elsewhere), else from its tar headers (``walk`` forces that). Kept
+    for the last two shards asked about (keyed on path, mtime and size): resuming a training
+    stream and reading on from the same shard find it once."""
     stat = os.stat(path)
-    return _cached_index(path, stat.st_mtime_ns, stat.st_size)
+    return _cached_index(path, stat.st_mtime_ns, stat.st_size, walk)
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_index(path: str, mtime_ns: int, size: int) -> list[tuple[str, int, dict[str, tuple[int, int]]]]:
-    return list(_samples_of(path))
+def _cached_index(path: str, mtime_ns: int, size: int, walk: bool) -> ShardIndex:
+    return (None if walk else _read_sidecar(path, size)) or ShardIndex.walk(path)
 
 
 def sample_offsets(path: str) -> list[int]:
     """The byte offset of each sample's first tar header in a local shard (headers only)."""
-    return [first for _, first, _ in shard_index(path)]
+    return shard_index(path).first.tolist()
 
 
 def index_shard(path: str) -> tuple[int, set[int]]:
-    """Samples in a local shard and the labels its ``.cls`` files hold: tar headers, plus the few
-    bytes of each ``.cls``; no image byte is read."""
-    count, labels = 0, set()
-    with open(path, "rb") as f:
-        for key, _, files in _samples_of(path):
-            count += 1
-            if "cls" in files:
-                data, size = files["cls"]
-                text = os.pread(f.fileno(), size, data).strip()
-                try:
-                    labels.add(int(text))
-                except ValueError:
-                    raise ValueError(f"{path}: {key}.cls holds {text[:20]!r}, not a class index") from None
-    return count, labels
+    """Samples in a local shard and the labels its ``.cls`` files hold, from its tar headers and
+    the few bytes of each ``.cls`` (no image byte is read); the walk is kept in its sidecar."""
+    index, labels = ShardIndex.walk(path), set()
+    write_sidecar(path, index)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, (data, size) in enumerate(index.files.get("cls", np.zeros((0, 2), np.int64)).tolist()):
+            if size < 0:
+                continue  # a sample without a label
+            text = os.pread(fd, size, data).strip()
+            try:
+                labels.add(int(text))
+            except ValueError:
+                raise ValueError(f"{path}: {index.keys[i]}.cls holds {text[:20]!r}, not a class index") from None
+    finally:
+        os.close(fd)
+    return len(index), labels
 
 
 class _Range:
@@ -278,16 +396,27 @@ def shard_samples(url: str, skip: int = 0, count: int | None = None, handler=wds
 
 def shard_members(url: str, members: Iterable[int]) -> Iterator[tuple[int, dict]]:
     """(index, sample) for the given sample indices of one local shard, in increasing order: its
-    tar headers walked (:func:`shard_index`), then each wanted file read by its offset; no other
-    byte of the shard is read. Samples are as webdataset's ``tarfile_samples`` gives them."""
-    index = shard_index(url)
-    with open(url, "rb") as f:
+    sample index found (:func:`shard_index`), then each wanted file read by its offset, with the
+    header before it, which must say so (else the headers are walked again); no other byte of
+    the shard is read. Samples are as webdataset's ``tarfile_samples`` gives them."""
+    index, walked = shard_index(url), False
+    fd = os.open(url, os.O_RDONLY)
+    try:
         for i in sorted(set(members)):
-            if i >= len(index):
-                raise IndexError(f"shard '{url}' has {len(index)} samples, not {i + 1}")
-            key, _, files = index[i]
-            yield i, {"__key__": key, "__url__": url,
-                      **{ext: os.pread(f.fileno(), size, data) for ext, (data, size) in files.items()}}
+            while True:
+                if i >= len(index):
+                    raise IndexError(f"shard '{url}' has {len(index)} samples, not {i + 1}")
+                key, files = index.sample(i)
+                blocks = {ext: os.pread(fd, size + tarfile.BLOCKSIZE, data - tarfile.BLOCKSIZE)
+                          for ext, (data, size) in files.items()}
+                if walked or all(_header_ok(b[:tarfile.BLOCKSIZE]) and _number(b[124:136]) == files[ext][1]
+                                 for ext, b in blocks.items()):
+                    break
+                log.warning("sample index of '%s' is stale at sample %d: walking its tar headers", url, i)
+                index, walked = shard_index(url, walk=True), True
+            yield i, {"__key__": key, "__url__": url, **{ext: b[tarfile.BLOCKSIZE:] for ext, b in blocks.items()}}
+    finally:
+        os.close(fd)
 
 
 def count_samples(url: str) -> int:

@@ -185,18 +185,16 @@ class TrainStream(IterableDataset):
         if not (start and replay and self.replayable):
             sources = ((shard(j), 0) for j in itertools.count())
             return itertools.islice(shuffled(read(sources), buf, size, initial, rng), start, length)
-        last = [(0, -1)]
-
-        def handles() -> Iterator[tuple[int, int]]:
-            for j in itertools.count():
-                for m in range(self.expected[shard(j)]):
-                    last[0] = (j, m)
-                    yield j, m
-
-        for _ in itertools.islice(shuffled(handles(), buf, size, initial, rng), start):
+        # Replay over (shard draw, sample) handles. After `start` picks, the handles taken from the
+        # source are those picked plus those still in the buffer: the next to read follows them.
+        handles = itertools.chain.from_iterable(
+            zip(itertools.repeat(j), range(self.expected[shard(j)])) for j in itertools.count())
+        for _ in itertools.islice(shuffled(handles, buf, size, initial, rng), start):
             pass
-        j, m = last[0]
-        j, m = (j + 1, 0) if m + 1 >= self.expected[shard(j)] else (j, m + 1)  # the next sample to read
+        j, m = 0, start + len(buf)  # the next sample to read: sample m of draw j
+        while m >= self.expected[shard(j)]:
+            m -= self.expected[shard(j)]
+            j += 1
         wanted: dict[str, set[int]] = {}
         for handle in buf:
             wanted.setdefault(shard(handle[0]), set()).add(handle[1])

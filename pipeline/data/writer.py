@@ -15,7 +15,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard, ordered_map
+from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard, ordered_map, sidecar_path, write_sidecar
 from pipeline.data.sources import Item, Source
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,7 @@ def write_split(
     for stale in out_dir.glob(f"{split}-*.tar"):
         if stale.name not in counts:
             stale.unlink()
+            sidecar_path(stale).unlink(missing_ok=True)
     # The shard is rolled over here, on true tar sizes: ShardWriter's maxsize counts payload bytes
     # only, and for small images the 512-byte tar headers and padding are most of the file.
     writer = wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=float("inf"), maxsize=float("inf"), verbose=0,
@@ -140,7 +141,8 @@ def write_split(
             size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
             too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
             if writer.count and (writer.count >= max_count or too_big):
-                writer.next_stream()  # closes the shard: record it as complete
+                writer.next_stream()  # closes the shard: index it (its headers are in the page cache), record it
+                write_sidecar(out_dir / name)
                 partial = progress_path.with_suffix(".tmp")  # replaced whole: a crash mid-write keeps the last one
                 partial.write_text(json.dumps({"fingerprint": fingerprint, "next": index, "counts": counts,
                                                "skipped": skipped}))
@@ -151,6 +153,9 @@ def write_split(
             name = Path(writer.fname).name
             counts[name] = counts.get(name, 0) + 1
     _JOB = None
+    for shard in counts:  # the last shard, and any a crash left without its index
+        if not sidecar_path(out_dir / shard).exists():
+            write_sidecar(out_dir / shard)
     manifest = {
         "split": split,
         "num_samples": sum(counts.values()),
@@ -192,7 +197,11 @@ def index_shards(directory: str | Path, split: str | None = None, progress: bool
     written = {}
     for name, files in groups.items():
         if (directory / f"{name}.json").exists():
-            log.warning("%s has a manifest already: left as it is", directory / f"{name}.json")
+            unindexed = [tar for tar in files if not sidecar_path(tar).exists()]
+            log.warning("%s has a manifest already: left as it is%s", directory / f"{name}.json",
+                        f"; writing the sample indexes of its {len(unindexed)} shards without one" if unindexed else "")
+            for tar in tqdm(unindexed, desc=f"index {name}", unit="shard", disable=not progress):
+                write_sidecar(tar)
             continue
         shards, labels = [], set()
         for tar in tqdm(files, desc=f"index {name}", unit="shard", disable=not progress):

@@ -2,6 +2,7 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,47 @@ def test_header_walk_finds_what_webdataset_reads(tmp_path, fmt):
     assert [s["__key__"] for s in shard_samples(str(path), skip=2, count=3)] == [s["__key__"] for s in expected[2:5]]
 
 
+def test_sample_index_sidecars_are_written_read_and_refused_when_stale(tmp_path, caplog):
+    """make_shards and --index write SHARD.tar.idx.npz, equal to the header walk and the same
+    bytes each time. A sidecar that no longer fits its shard is refused with a warning at load
+    (size, first/middle/last headers) or, for another member, when it is read: the headers are
+    walked again and the samples are right."""
+    from pipeline.data.shards import ShardIndex, shard_index, shard_members, sidecar_path, write_sidecar
+
+    write_shards(synthetic_source(30, side=24), tmp_path / "own", val_fraction=0.0, max_count=12, progress=False)
+    tars = sorted((tmp_path / "own").glob("*.tar"))
+    assert len(tars) == 3 and all(sidecar_path(t).is_file() for t in tars)
+    first = sidecar_path(tars[0]).read_bytes()
+    write_sidecar(tars[0])
+    assert sidecar_path(tars[0]).read_bytes() == first
+    for tar in tars:
+        walked, loaded = ShardIndex.walk(str(tar)), shard_index(str(tar))
+        assert list(loaded.keys) == list(walked.keys) and loaded.first.tolist() == walked.first.tolist()
+        assert {e: w.tolist() for e, w in loaded.files.items()} == {e: w.tolist() for e, w in walked.files.items()}
+
+    def write(path, sizes, fill):
+        with wds.TarWriter(str(path), mtime=0) as sink:
+            for i, size in enumerate(sizes):
+                sink.write({"__key__": f"k{i}", "jpg": bytes([fill + i]) * size, "cls": str(i).encode()})
+
+    shard = tmp_path / "other-000000.tar"
+    write(shard, [100] * 5, 0)
+    index_shards(tmp_path, progress=False)  # writes other.json and the sidecar
+    assert sidecar_path(shard).is_file()
+    write(shard, [100, 400, 100, 100, 100], 50)  # same offsets (512-byte blocks), sample 1 larger
+    assert sidecar_path(shard).stat().st_size and shard_index(str(shard)).files["jpg"][1, 1] == 100  # fits at load
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+        got = dict(shard_members(str(shard), [1, 3]))
+    assert "stale at sample 1" in caplog.text
+    expected = list(wds.tarfile_samples([{"url": str(shard)}]))
+    assert got[1]["jpg"] == expected[1]["jpg"] == bytes([51]) * 400 and got[3]["jpg"] == expected[3]["jpg"]
+    write(shard, [900] * 6, 0)  # another size: refused at load
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+        assert len(shard_index(str(shard))) == 6
+    assert "does not fit its shard" in caplog.text
+
+
 def test_preflight_reports_labels_outside_the_classes(tmp_path, make_shards):
     spec, keys = make_shards([7], name="train")
     manifest = {"split": "train", "num_samples": 7, "classes": [str(i) for i in range(5)],
@@ -242,7 +284,8 @@ def test_procs_give_byte_identical_shards_and_preflight(tmp_path):
     for procs in (1, 2):
         write_shards(source, tmp_path / f"p{procs}", val_fraction=0.2, max_count=16, max_side=64, progress=False,
                      procs=procs)
-    assert _files(tmp_path / "p1") == _files(tmp_path / "p2") and len(_files(tmp_path / "p1")) == 9  # 5 + 2 shards, 2 manifests
+    files = _files(tmp_path / "p1")
+    assert files == _files(tmp_path / "p2") and len(files) == 16  # 5 + 2 shards, their sample indexes, 2 manifests
     reports = [preflight(tmp_path / "p1", progress=False, num_classes=10, procs=procs) for procs in (1, 2)]
     assert reports[0] == reports[1] and reports[0][0]
 

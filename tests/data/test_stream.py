@@ -46,14 +46,24 @@ def test_resume_yields_the_same_batches(make_shards, num_workers, first, counted
     assert after.batches == 11
 
 
-def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch):
+@pytest.mark.parametrize("indexed", [False, True], ids=["header-walk", "sidecar"])
+def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch, indexed):
     """Resumed at 80% of a 200-sample worker epoch (buffer 16): the replay over handles reads the
     16 buffered samples and what the next batches need, where reading up to the position would
     read 160 first. The batches equal the uninterrupted run's, a shard failure in the epoch
-    falls back to reading, and a pre-existing 3-field position too."""
+    falls back to reading, and a pre-existing 3-field position too. With sample index sidecars
+    no tar header is walked."""
     import pipeline.data.stream as stream_module
+    from pipeline.data import shards as shards_module
 
     spec, _ = make_shards([10] * 20)
+    if indexed:
+        for url in resolve_shards(spec).urls:
+            shards_module.write_sidecar(url)
+    walks = []
+    original_walk = shards_module.ShardIndex.walk
+    monkeypatch.setattr(shards_module.ShardIndex, "walk", classmethod(
+        lambda cls, path: walks.append(path) or original_walk(path)))
     counts = [10] * 20
     straight = take(train_loader(spec, samples_per_epoch=200, counts=counts), 44)
     before = train_loader(spec, samples_per_epoch=200, counts=counts)
@@ -84,8 +94,10 @@ def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"batch {40 + i}")
         return len(read)
 
+    shards_module._cached_index.cache_clear()
     replayed = resumed(state["positions"]["0"])
     assert replayed <= 16 + 4 * 4 + 10, replayed
+    assert (len(walks) == 0) == indexed, walks
     assert resumed(state["positions"]["0"][:3] + [0]) >= 160  # a shard failed in this epoch: read to resume
     assert resumed(state["positions"]["0"][:3]) >= 160  # saved before positions said
 
