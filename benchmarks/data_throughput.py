@@ -3,10 +3,11 @@
 
 Input: 7 real photos from scikit-image at 500x375 (ImageNet-like) and 1600x1200 (web originals),
 JPEG q=90, written into WebDataset shards. Measures images/s in one process with one thread (what
-one DataLoader worker gets), alternating the two paths round by round, then the end-to-end
-training loader with 1 and 2 workers; then the time to a worker's first batch when it resumes at
-90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`, target <= 2.0).
-Prints a table, then one JSON line.
+one DataLoader worker gets), alternating the paths round by round (with data.decode=gpu's share
+of the worker: header, box and flip), then the end-to-end training loader with 1 and 2 workers;
+on CUDA, DeviceDecoder's images/s per GPU; then the time to a worker's first batch when it
+resumes at 90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`,
+target <= 2.0). Prints a table, then one JSON line.
 
     python benchmarks/data_throughput.py            # needs the bench extra: pip install -e '.[bench]'
 """
@@ -32,7 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data import TrainLoader, TrainStream, TrainTransform, resolve_shards  # noqa: E402
-from pipeline.data.transforms import baseline_train_transform  # noqa: E402
+from pipeline.data.transforms import DeviceTrainTransform, baseline_train_transform  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
 SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
@@ -58,9 +59,10 @@ def write_shard(images: list[bytes], path: Path, copies: int) -> None:
 
 def per_process_rates(images: list[bytes], rounds: int, passes: int) -> dict[str, float]:
     """Median images/s per path over ``rounds``, the paths alternating within each round."""
-    baseline, fast = baseline_train_transform(224), TrainTransform(224)
+    baseline, fast, deferred = baseline_train_transform(224), TrainTransform(224), DeviceTrainTransform(224)
     rng = random.Random(0)
-    paths = {"baseline": lambda data: baseline(data), "fast": lambda data: fast(data, rng)}
+    paths = {"baseline": lambda data: baseline(data), "fast": lambda data: fast(data, rng),
+             "gpu_worker": lambda data: deferred(data, rng)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
@@ -126,21 +128,23 @@ def resume_cost(tmp: Path, samples: int, rounds: int) -> dict[str, float]:
 
 
 def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
-    """nvjpeg decode + resized crop on the GPU, images/s (batched decode), where CUDA is present."""
+    """data.decode=gpu on CUDA: batches of 64 JPEGs left encoded by DeviceTrainTransform, finished
+    by DeviceDecoder (nvJPEG batch decode, crop, resize, flip on the GPU), images/s."""
     if not torch.cuda.is_available():
         return None
-    from torchvision.io import decode_jpeg
-    from torchvision.transforms.v2.functional import resized_crop
+    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, stack_images
 
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images * passes]
-    decode_jpeg(encoded[:8], device="cuda")
+    transform, decoder, rng = DeviceTrainTransform(224), DeviceDecoder(224, "cuda"), random.Random(0)
+    crops = [transform(data, rng) for data in images * passes]
+    batches = [{**stack_images(crops[i:i + 64]), "labels": torch.zeros(len(crops[i:i + 64]), dtype=torch.int64)}
+               for i in range(0, len(crops), 64)]
+    decoder(batches[0])
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for chunk in range(0, len(encoded), 64):
-        for image in decode_jpeg(encoded[chunk:chunk + 64], device="cuda"):
-            resized_crop(image, 0, 0, image.shape[-2] // 2, image.shape[-1] // 2, [224, 224], antialias=True)
+    for batch in batches:
+        decoder(batch)
     torch.cuda.synchronize()
-    return len(encoded) / (time.perf_counter() - start)
+    return len(crops) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -166,6 +170,9 @@ def main() -> None:
             figures[f"fast_{label}_img_s"] = round(rates["fast"], 1)
             rows.append((label, "1 process, 1 thread", "baseline (PIL + RandomResizedCrop)", rates["baseline"]))
             rows.append((label, "1 process, 1 thread", "fast (header box + draft / box decode)", rates["fast"]))
+            rows.append((label, "1 process, 1 thread", "data.decode=gpu: worker's share", rates["gpu_worker"]))
+            # worker cores that data.decode=gpu frees at 1,000 images/s per GPU
+            figures[f"gpu_mode_cores_freed_per_1k_img_s_{label}"] = round(1000 / rates["fast"] - 1000 / rates["gpu_worker"], 2)
             shard = Path(tmp) / f"{label}.tar"
             write_shard(images, shard, copies=20)
             for workers in (int(w) for w in args.workers.split(",")):
@@ -174,8 +181,8 @@ def main() -> None:
                 rows.append((label, f"loader, {workers} worker(s)", "fast, end to end (batches of 64)", rate))
             gpu = gpu_decode_rate(images, args.passes)
             if gpu is not None:
-                figures[f"gpu_nvjpeg_{label}_img_s"] = round(gpu, 1)
-                rows.append((label, torch.cuda.get_device_name(), "nvjpeg decode + resized crop", gpu))
+                figures[f"gpu_decode_{label}_img_s"] = round(gpu, 1)
+                rows.append((label, torch.cuda.get_device_name(), "data.decode=gpu: DeviceDecoder, batches of 64", gpu))
         if args.resume_samples:
             resume = resume_cost(Path(tmp), args.resume_samples, args.resume_rounds)
             figures["resume_deep_vs_start"] = round(resume["deep"] / resume["start"], 3)

@@ -4,7 +4,7 @@ synthetic shards, through the real launchers on one GPU, then the CUDA trainer b
 
 1. shards: ``make_shards.py --source synthetic:N`` (generated JPEGs, nothing downloaded);
 2. pretrain a small ViT at SIZE px under ZeRO-1, ZeRO-2 and ZeRO-3, each with bf16, activation
-   checkpointing and ``model.compile``;
+   checkpointing and ``model.compile`` (ZeRO-2 with ``data.decode=gpu``: nvJPEG);
 3. fine-tune the ZeRO-1 run at 2 x SIZE px (pos_embed resampled) under ZeRO-3;
 4. evaluate the fine-tuned run;
 5. ``benchmarks/train_step.py --device cuda`` (skip with --no-benchmark).
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"train.total_steps={steps}", f"train.log_every={max(steps // 4, 1)}", f"train.checkpoint_every={steps}",
                   "deepspeed.activation_checkpointing=true", "deepspeed.precision=bf16"]
         stages = [(f"pretrain-zero{z}", "launch/train.py", "configs/demo/pretrain.yaml",
-                   [f"run.name=pretrain-zero{z}", f"model.image_size={size}", f"deepspeed.zero_stage={z}"])
+                   [f"run.name=pretrain-zero{z}", f"model.image_size={size}", f"deepspeed.zero_stage={z}",
+                    f"data.decode={'gpu' if z == 2 else 'cpu'}"])
                   for z in (1, 2, 3)]
         stages.append(("finetune-zero3", "launch/train.py", "configs/demo/finetune.yaml",
                        ["run.name=finetune-zero3", f"model.image_size={size * 2}", "deepspeed.zero_stage=3",

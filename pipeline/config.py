@@ -89,10 +89,21 @@ class DataConfig(Section):
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range.")
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
     randaugment: str | None = Field(None, description="RandAugment as 'N,M' (ops, magnitude); None for off.")
+    decode: Literal["cpu", "gpu"] = Field("cpu", description="Training images: decoded and cropped in the DataLoader "
+                                          "workers ('cpu'), or JPEGs decoded in batches by nvJPEG and cropped on the "
+                                          "GPU ('gpu'; workers then read, shuffle and parse headers; other formats "
+                                          "still decode in the workers).")
     mixup: float = Field(0.0, ge=0.0, description="MixUp alpha; 0 for off.")
     cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 for off.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss.")
     crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Evaluation: resize to image_size / crop_pct, then center crop.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.decode == "gpu" and self.randaugment:
+            raise ValueError("data.randaugment runs on images decoded in the workers; with data.decode='gpu' they "
+                             "are decoded on the GPU: set data.decode='cpu' or data.randaugment=null")
+        return self
 
     @field_validator("shuffle_buffer", mode="before")
     @classmethod

@@ -29,6 +29,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_members, shard_samples, shuffle_samples
+from pipeline.data.transforms import stack_images
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -126,7 +127,9 @@ def shuffled(data: Iterator, buf: list, bufsize: int, initial: int, rng: random.
 
 
 class TrainStream(IterableDataset):
-    """Infinite training batches ``{"images": uint8 (b,3,S,S), "labels": int64 (b,)}`` for one rank."""
+    """Infinite training batches ``{"images": uint8 (b,3,S,S), "labels": int64 (b,)}`` for one rank
+    (with a :class:`~pipeline.data.transforms.DeviceTrainTransform`, JPEGs are left encoded:
+    :func:`~pipeline.data.transforms.stack_images`)."""
 
     def __init__(
         self,
@@ -239,7 +242,7 @@ class TrainStream(IterableDataset):
                     # epoch, so a resume may replay it from the manifest's counts
                     clean = int(clean and errors.events == events_before)
                     yield {
-                        "images": torch.stack(images),
+                        **stack_images(images),
                         "labels": torch.tensor(labels, dtype=torch.int64),
                         "position": torch.tensor([worker, epoch, index, skipped + errors.count, clean]),
                     }

@@ -11,8 +11,10 @@ normalisation happens on the device (:class:`Normalize`).
 from __future__ import annotations
 
 import io
+import logging
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -21,6 +23,7 @@ from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import resized_crop
 
+log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
 
 
@@ -158,6 +161,111 @@ class TrainTransform:
                 torch.manual_seed(rng.getrandbits(63))
                 tensor = self.randaugment(tensor)
         return tensor
+
+
+@dataclass(frozen=True)
+class JpegCrop:
+    """A JPEG the worker leaves encoded (``data.decode: gpu``): its bytes, the crop box in whole
+    pixels (top, left, height, width) and the flip, drawn as :class:`TrainTransform` draws them."""
+
+    data: bytes
+    box: tuple[int, int, int, int]
+    flip: bool
+
+
+def ends_whole(data: bytes) -> bool:
+    """Whether JPEG bytes end with their end-of-image marker (trailing zero padding allowed): a
+    truncated file does not, and libjpeg refuses it."""
+    return data.rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+class DeviceTrainTransform(TrainTransform):
+    """:class:`TrainTransform` for ``data.decode: gpu``: a whole baseline RGB or grayscale JPEG
+    upright as stored becomes a :class:`JpegCrop` (header read, box and flip drawn, nothing
+    decoded); any other sample (PNG, WebP, CMYK, EXIF-rotated, truncated) is decoded here as
+    on the CPU path, so corrupt samples are skipped and counted the same way."""
+
+    def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5):
+        super().__init__(size, scale, ratio, hflip)
+
+    def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor | JpegCrop:
+        image = open_image(data)
+        if image.format != "JPEG" or image.mode not in ("RGB", "L") or not ends_whole(data):
+            return super().__call__(data, rng)  # the header is read again: rare samples
+        left, top, w, h = sample_crop_box(*image.size, self.scale, self.ratio, rng)
+        return JpegCrop(data, (top, left, h, w), rng.random() < self.hflip)
+
+
+def stack_images(images: list[torch.Tensor | JpegCrop]) -> dict:
+    """A batch's images: ``{"images": uint8 (b, 3, S, S)}``; where some are left encoded, the
+    decoded ones with their places (``images``, ``images_at``) and the JPEGs with theirs
+    (``jpeg``: 1-D uint8 tensors, ``jpeg_at``, ``jpeg_box``, ``jpeg_flip``), for :class:`DeviceDecoder`."""
+    encoded = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
+    if not encoded:
+        return {"images": torch.stack(images)}
+    decoded = sorted(set(range(len(images))) - set(encoded))
+    return {
+        "images": torch.stack([images[i] for i in decoded]) if decoded else torch.zeros(0, dtype=torch.uint8),
+        "images_at": torch.tensor(decoded, dtype=torch.int64),
+        "jpeg": [torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in encoded],
+        "jpeg_at": torch.tensor(encoded, dtype=torch.int64),
+        "jpeg_box": torch.tensor([images[i].box for i in encoded], dtype=torch.int64),
+        "jpeg_flip": torch.tensor([images[i].flip for i in encoded]),
+    }
+
+
+class DeviceDecoder:
+    """Finishes batches on the training device: JPEGs left encoded by :class:`DeviceTrainTransform`
+    are decoded together (nvJPEG through ``torchvision.io.decode_jpeg(device="cuda")``), cropped to
+    their boxes, resized (bilinear, antialiased) and flipped there, and put in their places beside
+    the images the workers decoded. On the CPU (tests, a laptop) the same code runs there.
+
+    A JPEG the device cannot decode (rare: the workers pass on truncated ones) is counted in
+    ``failed`` and its place takes another image of the batch with its label."""
+
+    def __init__(self, size: int, device: torch.device | str):
+        self.size, self.device, self.failed = size, torch.device(device), 0
+
+    def _decode(self, jpegs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        try:
+            return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad JPEG fails the batch: decode them one by one
+            out = []
+            for jpeg in jpegs:
+                try:
+                    out.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (b, 3, S, S) and int64 labels (b,), on the device."""
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        if "jpeg" not in batch:
+            return batch["images"].to(self.device, non_blocking=True), labels
+        images = torch.empty(len(labels), 3, self.size, self.size, dtype=torch.uint8, device=self.device)
+        if len(batch["images_at"]):
+            images[batch["images_at"].to(self.device)] = batch["images"].to(self.device, non_blocking=True)
+        places, good = batch["jpeg_at"].tolist(), batch["images_at"].tolist()
+        failed = []
+        for place, image, box, flip in zip(places, self._decode(batch["jpeg"]), batch["jpeg_box"].tolist(),
+                                           batch["jpeg_flip"].tolist()):
+            if image is None:
+                failed.append(place)
+                continue
+            image = resized_crop(image, *box, [self.size, self.size], antialias=True)
+            images[place] = image.flip(-1) if flip else image
+            good.append(place)
+        if failed:
+            if not good:
+                raise RuntimeError(f"no image of a batch of {len(labels)} could be decoded on {self.device}")
+            self.failed += len(failed)
+            log.warning("%d JPEG(s) of a batch failed to decode on %s: skipped, their places take other images of "
+                        "the batch (%d so far)", len(failed), self.device, self.failed)
+            donors = torch.tensor([good[i % len(good)] for i in range(len(failed))], device=self.device)
+            at = torch.tensor(failed, device=self.device)
+            images[at], labels[at] = images[donors], labels[donors]
+        return images, labels
 
 
 class EvalTransform:

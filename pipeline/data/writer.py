@@ -141,8 +141,9 @@ def write_split(
             size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
             too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
             if writer.count and (writer.count >= max_count or too_big):
+                closed = Path(writer.fname).name
                 writer.next_stream()  # closes the shard: index it (its headers are in the page cache), record it
-                write_sidecar(out_dir / name)
+                write_sidecar(out_dir / closed)
                 partial = progress_path.with_suffix(".tmp")  # replaced whole: a crash mid-write keeps the last one
                 partial.write_text(json.dumps({"fingerprint": fingerprint, "next": index, "counts": counts,
                                                "skipped": skipped}))

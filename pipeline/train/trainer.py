@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
+from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, stage_tags, tracking_uri
@@ -98,6 +99,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
+        self.decoder = DeviceDecoder(config.model.image_size, self.device)
         self.agreement = StepAgreement(self.device)
 
         self.placements = gather_placements(env, self.device)
@@ -175,8 +177,14 @@ class Trainer:
                      "same time; samples still come in their seeded order and resume exactly. More shards than "
                      "streams mix better (make_shards.py --world-size/--workers prints a count).",
                      len(shards.urls), env.world_size, max(c.data.num_workers, 1), streams)
-        transform = TrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip,
-                                   c.data.randaugment)
+        if c.data.decode == "gpu":
+            transform = DeviceTrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip)
+            if self.device.type != "cuda" and self.is_main:
+                log.warning("data.decode=gpu on %s: JPEGs are decoded in the training process, on the CPU",
+                            self.device)
+        else:
+            transform = TrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip,
+                                       c.data.randaugment)
         micro = c.micro_batch(env.world_size)
         if micro != c.train.micro_batch_size and self.is_main:
             log.info("train.micro_batch_size %d -> %d: the per-rank batch is %d at %d ranks", c.train.micro_batch_size,
@@ -219,8 +227,8 @@ class Trainer:
         for _ in range(self.engine.gradient_accumulation_steps()):
             with meter.timing_data():
                 batch = next(batches)
-            images = self.normalize(batch["images"].to(self.device, non_blocking=True))
-            labels = batch["labels"].to(self.device, non_blocking=True)
+            images, labels = self.decoder(batch)
+            images = self.normalize(images)
             targets = labels
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
@@ -296,7 +304,7 @@ class Trainer:
         """Reduce the window's figures over ranks, write one metrics line, reset the window."""
         elapsed, wait_frac = meter.window()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device) if meter.sums is None else meter.sums
-        host = torch.tensor([meter.count, self.loader.skipped], dtype=torch.float64)
+        host = torch.tensor([meter.count, self.loader.skipped + self.decoder.failed], dtype=torch.float64)
         sums = torch.cat([sums, host.to(self.device)])
         dist.all_reduce(sums)
         loss_sum, correct, finite_steps, images, skipped = sums.tolist()

@@ -13,7 +13,7 @@ from pipeline.data.transforms import (
     open_image, sample_crop_box, to_rgb,
 )
 
-from .conftest import jpeg_bytes
+from .conftest import jpeg_bytes, make_image
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -154,3 +154,60 @@ def test_normalize_and_mixing():
     assert mixed.shape == out.shape and soft.shape == (2, 4)
     torch.testing.assert_close(soft.sum(-1), torch.ones(2))
     assert batch_mixer(0.0, 0.0, 4) is None
+
+
+def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
+    """data.decode=gpu, run on the CPU: whole RGB and grayscale JPEGs are left encoded by the
+    worker and finished by DeviceDecoder into the same pixels, box and flip as TrainTransform
+    (boxes under twice the size: the same decoder); PNG, CMYK, EXIF-rotated and truncated
+    samples go the CPU path in the worker (a truncated one fails there, as on the CPU path);
+    a JPEG that fails on the device is counted and its place taken by another of the batch."""
+    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, JpegCrop, stack_images
+
+    rng = np.random.default_rng(0)
+    rgb = [Image.fromarray(make_image(rng, 24, 32)) for _ in range(4)]
+    rotated = Image.fromarray(make_image(rng, 24, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    whole = encode(rgb[0], "JPEG")
+    samples = {
+        **{f"rgb{i}": (encode(im, "JPEG", quality=90), True) for i, im in enumerate(rgb)},
+        "gray": (encode(rgb[1].convert("L"), "JPEG"), True),
+        "png": (encode(rgb[2], "PNG"), False),
+        "cmyk": (encode(rgb[3].convert("CMYK"), "JPEG"), False),
+        "exif-rotated": (encode(rotated, "JPEG", exif=exif.tobytes()), False),
+        "truncated": (whole[:len(whole) // 2], False),
+    }
+    cpu, device = TrainTransform(16), DeviceTrainTransform(16)
+    expected, produced, labels = [], [], []
+    for i, (name, (data, deferred)) in enumerate(samples.items()):
+        try:
+            reference = cpu(data, random.Random(i))
+        except Exception:  # noqa: BLE001 - the worker skips it in both modes
+            assert name == "truncated"
+            with pytest.raises(Exception):
+                device(data, random.Random(i))
+            continue
+        out = device(data, random.Random(i))
+        assert isinstance(out, JpegCrop) == deferred, name
+        expected.append(reference)
+        produced.append(out)
+        labels.append(i)
+    decoder = DeviceDecoder(16, "cpu")
+    images, got_labels = decoder({**stack_images(produced), "labels": torch.tensor(labels)})
+    torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
+    assert got_labels.tolist() == labels and decoder.failed == 0
+
+    broken = JpegCrop(whole[:len(whole) // 2] + b"\xff\xd9", (0, 0, 8, 8), False)  # whole-looking, undecodable
+    images, got_labels = decoder({**stack_images([produced[0], broken, produced[2]]), "labels": torch.tensor([5, 6, 7])})
+    assert decoder.failed == 1 and got_labels.tolist() == [5, 5, 7]
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no image of a batch of 1"):
+        decoder({**stack_images([broken]), "labels": torch.tensor([1])})
+
+
+def test_gpu_decode_refuses_randaugment():
+    from pipeline.config import DataConfig
+
+    with pytest.raises(ValueError, match="data.randaugment runs on images decoded in the workers"):
+        DataConfig(decode="gpu", randaugment="2,9")

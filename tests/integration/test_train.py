@@ -143,3 +143,21 @@ def test_fewer_shards_than_ranks_x_workers_train_with_one_notice(digits_shards, 
     assert f"data.train_shards: {shards} shards for 2 ranks x 8 workers = 16 streams" in output
     assert output.count("Shards are resampled") == 1  # rank 0 says it once
     assert sorted(metrics(tmp_path / "few")) == [1, 2]
+
+
+def test_gpu_decode_trains_as_the_cpu_path(tmp_path):
+    """data.decode=gpu on 2 CPU ranks (JPEGs left encoded by the workers, decoded in the training
+    process): the same losses as data.decode=cpu, since the boxes of these 12 px JPEGs at 8 px go
+    through the same decoder."""
+    from pipeline.data.sources import synthetic_source
+    from pipeline.data.writer import write_shards
+
+    write_shards(synthetic_source(160, side=12), tmp_path / "jpegs", val_fraction=0.2, max_count=40, progress=False)
+    losses = {}
+    for mode in ("cpu", "gpu"):
+        result = run_deepspeed("launch/train.py", 2, *train_args(tmp_path / "jpegs", tmp_path, mode, f"data.decode={mode}",
+                                                                 "train.total_steps=3"))
+        losses[mode] = [metrics(tmp_path / mode)[step]["loss"] for step in (1, 2, 3)]
+        assert ("data.decode=gpu on cpu: JPEGs are decoded in the training process"
+                in result.stdout + result.stderr) == (mode == "gpu")
+    assert losses["gpu"] == pytest.approx(losses["cpu"], rel=1e-6), losses
