@@ -30,12 +30,20 @@ class Assumptions:
     intra_node_gbps: float = 3600.0  # NVLink per GPU, Gbit/s (H100 SXM: 450 GB/s)
     inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
     comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
-    decode_images_per_s_per_core: float = 767.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
+    decode_images_per_s_per_core: float = 1045.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
+    gpu_decode_worker_images_per_s_per_core: float = 36000.0  # data.decode=gpu: the worker's header parse only
     flash_attention: bool = True
     sample_kb: float = 110.0  # a sample in the shards (ImageNet JPEG); the dry run reads it from the manifest
     worker_gb: float = 0.25  # one DataLoader worker's own memory (PSS) besides its buffers, measured on CPU
     prefetch_factor: int = 2  # batches each DataLoader worker prepares ahead (TrainLoader's default)
     host_ram_gb: float = 2048.0  # per node (DGX H100/H200: 2 TB); the dry run warns past half of it
+
+
+def decode_rate(config: Config, assume: Assumptions) -> float:
+    """Images/s one worker core prepares: decoding and cropping, or with data.decode=gpu (nvJPEG
+    on the GPU) only reading the JPEG header and drawing the box."""
+    return assume.gpu_decode_worker_images_per_s_per_core if config.data.decode == "gpu" \
+        else assume.decode_images_per_s_per_core
 
 
 def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) -> dict:
@@ -83,7 +91,8 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
         "step_time_s": step_s, "images_per_s": images_per_s, "images_per_s_per_gpu": images_per_s / gpus,
         "mfu": assume.hfu * (3 / 4 if recompute else 1.0),
         "total_steps": steps, "wall_clock_hours": steps * step_s / 3600 if steps else None,
-        "decode_cores_per_gpu": images_per_s / gpus / assume.decode_images_per_s_per_core,
+        "decode_cores_per_gpu": images_per_s / gpus / decode_rate(config, assume),
+        "decode": config.data.decode, "decode_images_per_s_per_core": decode_rate(config, assume),
         "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
         "communication_s_per_step": comm_s,
         "scaling_efficiency": {str(n): e for n, e in scaling.items()},
@@ -169,8 +178,8 @@ def format_plan(result: dict) -> str:
     if r["wall_clock_hours"] is not None:
         lines.append(f"  training length            {r['total_steps']:,} steps = {r['wall_clock_hours']:,.1f} h "
                      f"({r['wall_clock_hours'] / 24:.1f} days)")
-    lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {a['decode_images_per_s_per_core']:.0f} "
-              "images/s per core (data benchmark)",
+    lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {r['decode_images_per_s_per_core']:,.0f} "
+              f"images/s per core (data benchmark; data.decode={r['decode']})",
               f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
               f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s",
               "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),

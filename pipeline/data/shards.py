@@ -223,7 +223,7 @@ def _samples_of(path: str) -> Iterator[tuple[str, int, dict[str, tuple[int, int]
 class ShardIndex:
     """Where each sample of a local shard lies, in columns: its key, the offset of its first tar
     header, and for each file extension the (data offset, size) of the sample's file (-1, -1 where
-    it has none). About 40 bytes a sample."""
+    it has none). About 1 MB for 10,000 samples."""
 
     keys: np.ndarray  # str
     first: np.ndarray  # int64 (n,)

@@ -1,9 +1,10 @@
 """Decoding and augmentation: every image to 3-channel RGB, a fast RandomResizedCrop, eval crops.
 
-The fast path chooses the crop box from the image header first. Where the box is at least twice
-the target size, libjpeg decodes at the smallest DCT scale (1/2, 1/4, 1/8) that still covers it
-(PIL ``draft``); otherwise torchvision's decoder runs and only the box is resampled. The box
-distribution is exactly RandomResizedCrop's.
+The fast path chooses the crop box from the image header first; libjpeg-turbo (simplejpeg) then
+decodes a JPEG at the smallest DCT scale (1, 1/2, 1/4, 1/8) that still gives the target size
+across the box, and only the box is resampled (torch, bilinear, antialiased). The box
+distribution is exactly RandomResizedCrop's. With ``data.decode: gpu`` the workers leave JPEGs
+encoded and :class:`DeviceDecoder` finishes them on the device.
 Transforms take encoded bytes and a ``random.Random`` and return a uint8 tensor (3, S, S);
 normalisation happens on the device (:class:`Normalize`).
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -92,35 +94,41 @@ def sample_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+def decode_jpeg_scaled(data: bytes, width: int, height: int, shrink: float) -> np.ndarray | None:
+    """A JPEG of ``width`` x ``height`` decoded to RGB (H, W, 3) uint8 by libjpeg-turbo (simplejpeg)
+    at the smallest of its fast DCT scales (1, 1/2, 1/4, 1/8) that shrinks by at most ``shrink``;
+    None where it refuses the file (CMYK, damaged): the caller falls back to PIL. The other
+    scales (7/8 ... 3/8) decode slower than the full image, so they are not used."""
+    reduction = 1
+    while reduction < 8 and shrink >= 2 * reduction:
+        reduction *= 2
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=reduction,
+                                      min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction))
+    except ValueError:
+        return None
+
+
 def crop_resize(image: Image.Image, box: tuple[float, float, float, float], size: int, fast: bool = True,
                 data: bytes | None = None) -> torch.Tensor:
     """Crop ``box`` (left, top, w, h in full-resolution pixels), resize it to size x size RGB, and
     return uint8 (3, size, size). Resampling is bilinear and antialiased, as torchvision's.
 
-    With ``fast``, a JPEG whose box is at least twice ``size`` is decoded at the smallest DCT scale
-    that still gives ``size`` pixels across the box (PIL ``draft``); a smaller box is decoded by
-    torchvision's libjpeg-turbo decoder (``data``, the encoded bytes) and only the box resampled.
+    With ``fast``, a JPEG (``data``, its encoded bytes) is decoded by libjpeg-turbo at the
+    smallest DCT scale that keeps ``size`` pixels across the box (:func:`decode_jpeg_scaled`), and
+    only the box is resampled, by torch; the box's edges fall on that scale's pixel grid (within
+    half a scaled pixel: at most 4 full-resolution pixels at 1/8). Anything else goes through PIL.
     """
     left, top, w, h = box
     full_width, full_height = image.size
-    if fast and image.format == "JPEG":
-        if min(w, h) >= 2 * size:
-            reduction = min(w, h) / size  # the largest shrink that keeps the box >= size
-            image.draft("RGB" if image.mode == "RGB" else None,
-                        (math.ceil(full_width / reduction), math.ceil(full_height / reduction)))
-        elif data is not None:
-            try:
-                decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                decoded = None  # a JPEG libjpeg-turbo refuses through this path: PIL below
-            if decoded is not None:
-                y0, x0 = round(top), round(left)
-                return resized_crop(decoded, y0, x0, round(top + h) - y0, round(left + w) - x0, [size, size],
-                                    antialias=True)
-    sx, sy = image.size[0] / full_width, image.size[1] / full_height
-    image = to_rgb(image).resize(
-        (size, size), Image.Resampling.BILINEAR, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-    )
+    decoded = decode_jpeg_scaled(data, full_width, full_height, min(w, h) / size) \
+        if fast and image.format == "JPEG" and data is not None else None
+    if decoded is not None:
+        sy, sx = decoded.shape[0] / full_height, decoded.shape[1] / full_width
+        y0, x0 = round(top * sy), round(left * sx)
+        return resized_crop(torch.from_numpy(decoded).permute(2, 0, 1), y0, x0, round((top + h) * sy) - y0,
+                            round((left + w) * sx) - x0, [size, size], antialias=True)
+    image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
     return pil_to_uint8(image)
 
 
