@@ -147,6 +147,84 @@ def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
     return len(crops) / (time.perf_counter() - start)
 
 
+def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -> list[tuple[str, str, float, float]]:
+    """Ways to decode a JPEG and resample its RandomResizedCrop box to 224, side by side on the
+    same boxes (alternating, median images/s over ``rounds``), each with the mean absolute
+    difference (0-255 levels) from the exact crop: a full PIL decode, the box resampled by PIL."""
+    import math
+
+    import simplejpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import resized_crop
+
+    from pipeline.data.transforms import crop_resize, open_image, pil_to_uint8, sample_crop_box
+
+    width, height = size
+    rng = random.Random(0)
+    boxes = [sample_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3), rng) for _ in range(6 * len(images))]
+
+    def scaled(data, box, **kw):  # simplejpeg at a DCT scale, torch resample of the box
+        left, top, w, h = box
+        array = simplejpeg.decode_jpeg(data, **kw)
+        sy, sx = array.shape[0] / height, array.shape[1] / width
+        y0, x0 = round(top * sy), round(left * sx)
+        return resized_crop(torch.from_numpy(array).permute(2, 0, 1), y0, x0, round((top + h) * sy) - y0,
+                            round((left + w) * sx) - x0, [224, 224], antialias=True)
+
+    def power_of_two(box):
+        reduction = 1
+        while reduction < 8 and min(box[2:]) / 224 >= 2 * reduction:
+            reduction *= 2
+        return dict(min_factor=reduction, min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction))
+
+    def pil_draft(data, box):  # the CPU path until 2026-11-23 for boxes >= 2x the size
+        left, top, w, h = box
+        image = open_image(data)
+        if min(w, h) >= 448:
+            image.draft("RGB", (math.ceil(width * 224 / min(w, h)), math.ceil(height * 224 / min(w, h))))
+        sx, sy = image.size[0] / width, image.size[1] / height
+        return pil_to_uint8(image.convert("RGB").resize((224, 224), Image.Resampling.BILINEAR,
+                                                        box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
+
+    def torchvision_full(data, box):  # the CPU path until 2026-11-23 for smaller boxes
+        left, top, w, h = box
+        decoded = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        return resized_crop(decoded, top, left, h, w, [224, 224], antialias=True)
+
+    def simplejpeg_pil_resize(data, box):
+        left, top, w, h = box
+        array = simplejpeg.decode_jpeg(data, **power_of_two(box))
+        sx, sy = array.shape[1] / width, array.shape[0] / height
+        return pil_to_uint8(Image.fromarray(array).resize((224, 224), Image.Resampling.BILINEAR,
+                                                          box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)))
+
+    candidates = {  # id: (description, fn)
+        "pil_draft": ("PIL draft (1/2,1/4,1/8) + PIL resize", pil_draft),
+        "torchvision": ("torchvision full decode + torch resize", torchvision_full),
+        "simplejpeg": ("simplejpeg 1/2,1/4,1/8 + torch resize (ours)",
+                       lambda d, b: crop_resize(open_image(d), b, 224, True, d)),
+        "simplejpeg_fast": ("simplejpeg same, fastdct+fastupsample",
+                            lambda d, b: scaled(d, b, fastdct=True, fastupsample=True, **power_of_two(b))),
+        "simplejpeg_pil_resize": ("simplejpeg same + PIL resize", simplejpeg_pil_resize),
+        "simplejpeg_any_scale": ("simplejpeg any M/8 scale + torch resize", lambda d, b: scaled(
+            d, b, min_height=math.ceil(height * 224 / min(b[2:])), min_width=math.ceil(width * 224 / min(b[2:])))),
+    }
+    rates: dict[str, list[float]] = {key: [] for key in candidates}
+    for _ in range(rounds):
+        for key, (_, fn) in candidates.items():
+            start = time.perf_counter()
+            for i, box in enumerate(boxes):
+                fn(images[i % len(images)], box)
+            rates[key].append(len(boxes) / (time.perf_counter() - start))
+    rows = []
+    for key, (name, fn) in candidates.items():
+        diffs = [(fn(images[i % len(images)], box).int() - crop_resize(open_image(images[i % len(images)]), box, 224,
+                                                                          fast=False).int()).abs().float().mean().item()
+                 for i, box in enumerate(boxes[:30])]
+        rows.append((key, name, statistics.median(rates[key]), statistics.mean(diffs)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds per path (median taken)")
@@ -156,6 +234,8 @@ def main() -> None:
     parser.add_argument("--resume-samples", type=int, default=100_000,
                         help="samples in the worker epoch of the resume measurement (0: skip it)")
     parser.add_argument("--resume-rounds", type=int, default=3, help="alternating rounds of the resume measurement")
+    parser.add_argument("--candidates", action="store_true",
+                        help="also measure the decode candidates side by side (images/s, difference from exact)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker's share
 
@@ -183,15 +263,20 @@ def main() -> None:
             if gpu is not None:
                 figures[f"gpu_decode_{label}_img_s"] = round(gpu, 1)
                 rows.append((label, torch.cuda.get_device_name(), "data.decode=gpu: DeviceDecoder, batches of 64", gpu))
+            if args.candidates:
+                for key, name, rate, diff in decode_candidates(images, (width, height), args.rounds):
+                    figures[f"candidate_{label}_{key}_img_s"] = round(rate, 1)
+                    figures[f"candidate_{label}_{key}_mean_abs_diff"] = round(diff, 2)
+                    rows.append((label, "1 process, 1 thread", f"{name} (|diff| {diff:.2f})", rate))
         if args.resume_samples:
             resume = resume_cost(Path(tmp), args.resume_samples, args.resume_rounds)
             figures["resume_deep_vs_start"] = round(resume["deep"] / resume["start"], 3)
             figures.update({f"resume_{k}_s": round(v, 3) for k, v in resume.items() if k != "shard_bytes"},
                            resume_epoch_samples=args.resume_samples, resume_shard_gb=round(resume["shard_bytes"] / 1e9, 2))
 
-    print(f"{'input':<10} {'setting':<24} {'path':<40} {'images/s':>9}")
+    print(f"{'input':<10} {'setting':<24} {'path':<58} {'images/s':>9}")
     for label, setting, path, rate in rows:
-        print(f"{label:<10} {setting:<24} {path:<40} {rate:>9.1f}")
+        print(f"{label:<10} {setting:<24} {path:<58} {rate:>9.1f}")
     print(f"speedup (fast / baseline): 500x375 {figures['speedup_500x375']:.2f}x, "
           f"1600x1200 {figures['speedup_1600x1200']:.2f}x  (targets: >= 2.0x, >= 3.0x)")
     if "resume_deep_vs_start" in figures:
