@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2.functional import resized_crop
@@ -109,6 +110,16 @@ def decode_jpeg_scaled(data: bytes, width: int, height: int, shrink: float) -> n
         return None
 
 
+def resize_box(image: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> the box resampled to (3, size, size), bilinear and antialiased. On the
+    CPU, torch's native uint8 kernel, called directly (torchvision's ``resized_crop`` dispatch is
+    ~4% of a 500x375 image's time); on a GPU, ``resized_crop``, which resamples uint8 in float32."""
+    if image.device.type != "cpu":
+        return resized_crop(image, top, left, height, width, [size, size], antialias=True)
+    box = image[:, top:top + height, left:left + width].unsqueeze(0)
+    return F.interpolate(box, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
 def crop_resize(image: Image.Image, box: tuple[float, float, float, float], size: int, fast: bool = True,
                 data: bytes | None = None) -> torch.Tensor:
     """Crop ``box`` (left, top, w, h in full-resolution pixels), resize it to size x size RGB, and
@@ -126,8 +137,8 @@ def crop_resize(image: Image.Image, box: tuple[float, float, float, float], size
     if decoded is not None:
         sy, sx = decoded.shape[0] / full_height, decoded.shape[1] / full_width
         y0, x0 = round(top * sy), round(left * sx)
-        return resized_crop(torch.from_numpy(decoded).permute(2, 0, 1), y0, x0, round((top + h) * sy) - y0,
-                            round((left + w) * sx) - x0, [size, size], antialias=True)
+        return resize_box(torch.from_numpy(decoded).permute(2, 0, 1), y0, x0, round((top + h) * sy) - y0,
+                          round((left + w) * sx) - x0, size)
     image = to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
     return pil_to_uint8(image)
 
@@ -261,7 +272,7 @@ class DeviceDecoder:
             if image is None:
                 failed.append(place)
                 continue
-            image = resized_crop(image, *box, [self.size, self.size], antialias=True)
+            image = resize_box(image, *box, self.size)
             images[place] = image.flip(-1) if flip else image
             good.append(place)
         if failed:
