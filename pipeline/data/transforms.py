@@ -199,7 +199,7 @@ def ends_whole(data: bytes) -> bool:
 
 
 class DeviceTrainTransform(TrainTransform):
-    """:class:`TrainTransform` for ``data.decode: gpu``: a whole baseline RGB or grayscale JPEG
+    """:class:`TrainTransform` for ``data.decode: gpu``: a whole RGB or grayscale JPEG
     upright as stored becomes a :class:`JpegCrop` (header read, box and flip drawn, nothing
     decoded); any other sample (PNG, WebP, CMYK, EXIF-rotated, truncated) is decoded here as
     on the CPU path, so corrupt samples are skipped and counted the same way."""
