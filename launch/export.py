@@ -28,22 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    import torch
+    from pipeline.train.consolidate import export_checkpoint
 
-    from pipeline.config import ModelConfig
-    from pipeline.model import vit_from_config
-    from pipeline.model.weights import export_safetensors
-    from pipeline.train.checkpoint import read_marker
-    from pipeline.train.consolidate import checkpoint_dir, consolidated_state_dict
-
-    source = checkpoint_dir(args.checkpoint)
-    with torch.device("meta"):  # the model the marker records, built as training built it; no memory
-        model = vit_from_config(ModelConfig.model_validate(read_marker(source)["model"]))
-    state = consolidated_state_dict(source)
-    model.load_state_dict(state, strict=True, assign=True)  # the checkpoint is the model its marker says
-    out, config_path = export_safetensors(state, model, args.out)
-    print(f"wrote {out} ({sum(v.numel() for v in state.values()):,} parameters) and {config_path}: "
-          f"{json.loads(config_path.read_text())}")
+    out, config_path, params = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out} ({params:,} parameters) and {config_path}: {json.loads(config_path.read_text())}")
     return 0
 
 

@@ -35,7 +35,8 @@ class RunConfig(Section):
     seed: int = Field(0, description="Global seed for model init, data order and augmentation.")
     experiment: str = Field("vit-pipeline", description="MLflow experiment name.")
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
-    pipeline: str | None = Field(None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name.")
+    pipeline: str | None = Field(None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name. Where set (or $VIT_PIPELINE_ID), the stages' MLflow runs nest under one parent run.")
+    system_metrics_interval: float | None = Field(10.0, gt=0.0, description="Seconds between MLflow system-metrics samples (CPU, memory, network, GPU), logged by one rank per node; null for off.")
 
     @property
     def run_dir(self) -> Path:
@@ -203,6 +204,8 @@ class FinetuneConfig(Section):
 class EvalConfig(Section):
     checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate.")
     micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass.")
+    log_model: bool = Field(False, description="Log the evaluated weights (safetensors for timm, and model.json) "
+                            "as artifacts of the evaluation run, under model/ (ViT-H/14: 2.5 GB).")
 
 
 class Config(Section):

@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, resolve_shards
-from pipeline.tracking import Tracker, stage_tags, tracking_uri
+from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri
 from pipeline.train import signals
-from pipeline.train.consolidate import build_model
+from pipeline.train.consolidate import build_model, export_checkpoint
 from pipeline.train.distributed import DistEnv, StepAgreement
 
 log = logging.getLogger(__name__)
@@ -151,17 +151,30 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     run_dir = config.run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(uri=tracking_uri(config.run.tracking_uri), experiment=config.run.experiment,
-                      run_name=config.run.name, tags=stage_tags(config, "evaluate"))
+                      run_name=config.run.name, tags=stage_tags(config, "evaluate"), pipeline=pipeline_id(config))
     report["mlflow_run_id"] = tracker.wait_started(timeout=20.0)
+    tracker.log_datasets([describe_shards(config.data.eval_shards, "evaluation")])
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     tracker.log_params({**config.flat(), "eval.source": report["checkpoint"]})
     tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
     tracker.log_artifact(run_dir / "report.json")
+    if config.eval.log_model:
+        for path in model_files(report["checkpoint"], run_dir / "model"):
+            tracker.log_artifact(path, "model")
     if tally.confusion is not None:
         png = run_dir / "confusion_matrix.png"
         plot_confusion(tally.confusion.cpu(), classes, png)
         tracker.log_artifact(png)
     tracker.close()
+
+
+def model_files(source: str, out_dir: Path) -> list[Path]:
+    """The evaluated weights as files a reviewer fetches from the run: a .safetensors source with
+    its .json, or a checkpoint exported to ``out_dir/model.safetensors`` and ``model.json``."""
+    if source.endswith(".safetensors"):
+        return [p for p in (Path(source), Path(source).with_suffix(".json")) if p.is_file()]
+    out, config_path, _ = export_checkpoint(source, out_dir / "model.safetensors")
+    return [out, config_path]
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
@@ -42,6 +43,36 @@ def git_commit() -> str:
         return "unknown"
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # the UI opens on training runs
+
+
+def pipeline_id(config) -> str | None:
+    """The pipeline a stage belongs to, where one is named (``run.pipeline``, else
+    $VIT_PIPELINE_ID, which make demo and the SLURM scripts set): its stages nest under one
+    parent run. None for a stage run on its own."""
+    return config.run.pipeline or os.environ.get("VIT_PIPELINE_ID") or None
+
+
+def describe_shards(spec: str, context: str) -> dict[str, str]:
+    """An MLflow dataset input for a shard spec: its name (manifest folder/split, or the spec), a
+    digest of the manifest (or of the spec), the source, and a profile of sample, class and
+    shard counts; ``context`` is 'training' or 'evaluation'."""
+    import hashlib
+    import json
+
+    path = Path(spec)
+    if spec.endswith(".json") and path.is_file():
+        text = path.read_bytes()
+        manifest = json.loads(text)
+        name = f"{path.parent.name}/{manifest.get('split', path.stem)}"
+        profile = {"num_samples": manifest.get("num_samples"), "num_classes": manifest.get("num_classes"),
+                   "num_shards": len(manifest.get("shards", []))}
+    else:
+        text, name, profile = spec.encode(), spec.rsplit("/", 1)[-1][:100], {}
+    return {"name": name, "digest": hashlib.sha256(text).hexdigest()[:10], "source": spec,
+            "source_type": "webdataset", "profile": json.dumps(profile), "context": context}
+
+
 def stage_tags(config, stage: str) -> dict[str, str]:
     """The tags every stage's run carries; ``pipeline`` is shared by the stages of one pipeline."""
     return {
@@ -52,17 +83,41 @@ def stage_tags(config, stage: str) -> dict[str, str]:
     }
 
 
+def start_system_metrics(uri: str, run_id: str | None, interval: float | None, resume: bool):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory through
+    nvidia-ml-py on CUDA) of this node, every ``interval`` s, into ``run_id`` as
+    ``system/HOSTNAME/...``; one rank per node calls it. Returns the monitor (``finish()`` it), or
+    None where it is off or cannot start, which never stops training."""
+    if not interval or not run_id:
+        return None
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=socket.gethostname(),
+                                       tracking_uri=uri, resume_logging=resume)
+        monitor.start()
+        return monitor
+    except Exception as e:  # noqa: BLE001 - tracking must never stop training
+        log.warning("MLflow system metrics not started: %s", str(e).splitlines()[0][:200])
+        return None
+
+
 class Tracker:
-    """One MLflow run per stage. ``run_id`` resumes an existing run (a requeued job)."""
+    """One MLflow run per stage. ``run_id`` resumes an existing run (a requeued job). With a
+    ``pipeline`` id the run is a child of that pipeline's parent run (tagged ``stage=pipeline``),
+    found by its ``pipeline`` tag or created by the first stage; the parent's status follows the
+    latest stage's."""
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None,
-                 enabled: bool = True, max_backoff_s: float = 30.0):
+                 enabled: bool = True, max_backoff_s: float = 30.0, pipeline: str | None = None):
         self.enabled = enabled
         self.run_id = run_id
+        self.parent_id: str | None = None
         self.undelivered = 0
         if not enabled:
             return
         self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
+        self.pipeline = pipeline
         self.max_backoff_s = max_backoff_s
         self._queue: queue.Queue = queue.Queue()
         self._client = None
@@ -90,11 +145,15 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put("text", (text, artifact_file))
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._put("artifact", str(path))
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._put("artifact", (str(path), artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._put("tags", tags)
+
+    def log_datasets(self, datasets: list[dict[str, str]]) -> None:
+        """Dataset inputs of the run (:func:`describe_shards`): the Dataset column of the UI."""
+        self._put("inputs", datasets)
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
         """End the run, waiting up to ``timeout`` s for queued records; reports what was not sent."""
@@ -144,9 +203,12 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         client = self._client
-        if self.run_id is not None:  # resuming: mark the run running again
+        if self.run_id is not None:  # resuming: mark the run (and its pipeline's) running again
             try:
                 client.update_run(self.run_id, status="RUNNING")
+                self.parent_id = client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+                if self.parent_id:
+                    client.update_run(self.parent_id, status="RUNNING")
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
@@ -154,9 +216,26 @@ class Tracker:
                 self.run_id = None
         if self.run_id is None:
             experiment = client.get_experiment_by_name(self.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.experiment)
-            self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+            experiment_id = experiment.experiment_id if experiment else \
+                client.create_experiment(self.experiment, tags=dict([EXPERIMENT_KIND]))
+            if experiment and EXPERIMENT_KIND[0] not in experiment.tags:
+                client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+            tags = dict(self.tags)
+            if self.pipeline:
+                self.parent_id = tags["mlflow.parentRunId"] = self._parent_run(experiment_id)
+            self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
         self._started.set()
+
+    def _parent_run(self, experiment_id: str) -> str:
+        """The pipeline's parent run, running again, or a new one named after the pipeline."""
+        client, name = self._client, self.pipeline.replace("'", "")
+        found = client.search_runs([experiment_id], filter_string=f"tags.stage = 'pipeline' and tags.pipeline = '{name}'",
+                                   max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+        tags = {**self.tags, "stage": "pipeline", "pipeline": name}
+        return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
     def _send(self, kind: str, payload: Any) -> None:
         from mlflow.entities import Metric, Param, RunTag
@@ -178,8 +257,15 @@ class Tracker:
         elif kind == "text":
             client.log_text(run_id, *payload)
         elif kind == "artifact":
-            client.log_artifact(run_id, payload)
+            client.log_artifact(run_id, *payload)
         elif kind == "tags":
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()])
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            client.log_inputs(run_id, [DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                                                    [InputTag("mlflow.data.context", d["context"])]) for d in payload])
         elif kind == "end":
             client.set_terminated(run_id, status=payload)
+            if self.parent_id:
+                client.set_terminated(self.parent_id, status=payload)

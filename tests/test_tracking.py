@@ -67,3 +67,43 @@ def test_resuming_a_run_the_store_does_not_know_starts_a_new_one(tmp_path):
     tracker.close()
     assert run_id and run_id != "0123456789abcdef0123456789abcdef"
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+def test_pipeline_stages_nest_under_one_parent_with_their_datasets(tmp_path):
+    """Stages with a pipeline id: the first creates the parent run (stage=pipeline), the next finds
+    it by its tag; both are its children, the parent's status follows the latest stage, and a
+    requeued stage continues its own run. The experiment opens on training runs; datasets are
+    inputs with their manifest digest, source, counts and context."""
+    import json
+
+    from pipeline.tracking import describe_shards
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    manifest = tmp_path / "data" / "train.json"
+    manifest.parent.mkdir()
+    manifest.write_text(json.dumps({"split": "train", "num_samples": 12, "num_classes": 3, "shards": [{}, {}]}))
+    first = Tracker(uri=uri, experiment="exp", run_name="pre", tags={"stage": "pretrain", "pipeline": "p"}, pipeline="p")
+    first.log_datasets([describe_shards(str(manifest), "training"), describe_shards("pipe:cat x.tar", "evaluation")])
+    first.close()
+    second = Tracker(uri=uri, experiment="exp", run_name="ft", tags={"stage": "finetune", "pipeline": "p"}, pipeline="p")
+    second.close("KILLED")
+    requeued = Tracker(uri=uri, experiment="exp", run_name="ft", tags={}, run_id=second.run_id, pipeline="p")
+    assert requeued.wait_started(timeout=60) == second.run_id
+    assert MlflowClient(uri).get_run(first.parent_id).info.status == "RUNNING"
+    requeued.close()
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("exp")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["ft", "p", "pre"]
+    parent = runs["p"]
+    assert parent.data.tags["stage"] == "pipeline" and parent.info.run_id == first.parent_id == second.parent_id
+    assert parent.info.status == "FINISHED"
+    assert runs["pre"].data.tags["mlflow.parentRunId"] == runs["ft"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    inputs = {d.dataset.name: d for d in runs["pre"].inputs.dataset_inputs}
+    train = inputs["data/train"]
+    assert json.loads(train.dataset.profile) == {"num_samples": 12, "num_classes": 3, "num_shards": 2}
+    assert train.dataset.source == str(manifest) and len(train.dataset.digest) == 10
+    assert [t.value for t in train.tags if t.key == "mlflow.data.context"] == ["training"]
+    assert "pipe:cat x.tar" in inputs and not runs["ft"].inputs.dataset_inputs

@@ -175,3 +175,20 @@ def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: 
         state = on_rank0(lambda: read_pretrained(pretrained, model_config, reset_head=reset_head, same_head=same_head))
         load_weights(model, state, zero3=zero3)
     return model
+
+
+def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+    """A checkpoint (run, checkpoints or stepNNNNNNNN directory; any ZeRO stage and world size)
+    as a safetensors file timm loads, and ``out.json`` with the timm arguments (:func:`export_safetensors`).
+    Returns both paths and the parameter count."""
+    from pipeline.config import ModelConfig
+    from pipeline.model.weights import export_safetensors
+    from pipeline.train.checkpoint import read_marker
+
+    source = checkpoint_dir(source)
+    with torch.device("meta"):  # the model the marker records, built as training built it; no memory
+        model = vit_from_config(ModelConfig.model_validate(read_marker(source)["model"]))
+    state = consolidated_state_dict(source)
+    model.load_state_dict(state, strict=True, assign=True)  # the checkpoint is the model its marker says
+    out, config_path = export_safetensors(state, model, out)
+    return out, config_path, sum(v.numel() for v in state.values())

@@ -21,7 +21,7 @@ from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, b
 from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
-from pipeline.tracking import Tracker, stage_tags, tracking_uri
+from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
@@ -200,12 +200,19 @@ class Trainer:
 
     def start_tracking(self, run_id: str | None) -> Tracker:
         c = self.config
-        tracker = Tracker(uri=tracking_uri(c.run.tracking_uri), experiment=c.run.experiment, run_name=c.run.name,
-                          tags=stage_tags(c, c.run.stage), run_id=run_id, enabled=self.is_main)
+        uri = tracking_uri(c.run.tracking_uri)
+        tracker = Tracker(uri=uri, experiment=c.run.experiment, run_name=c.run.name, tags=stage_tags(c, c.run.stage),
+                          run_id=run_id, enabled=self.is_main, pipeline=pipeline_id(c))
         shared = [tracker.wait_started(timeout=20.0) if self.is_main else None]
         dist.broadcast_object_list(shared, src=0)  # every rank knows the run it belongs to
         tracker.run_id = shared[0] or tracker.run_id
+        # One rank per node; other nodes than rank 0's only to a server (a sqlite file has one writer).
+        if self.env.local_rank == 0 and (self.is_main or not uri.startswith("sqlite:")):
+            self.system_metrics = start_system_metrics(uri, tracker.run_id, c.run.system_metrics_interval,
+                                                       resume=run_id is not None)
         if self.is_main:
+            tracker.log_datasets([describe_shards(spec, context) for spec, context in
+                                  ((c.data.train_shards, "training"), (c.data.eval_shards, "evaluation")) if spec])
             tracker.log_params(c.flat())
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
@@ -361,5 +368,7 @@ class Trainer:
         return self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config))
 
     def close(self, status: str = "FINISHED") -> None:
+        if getattr(self, "system_metrics", None) is not None:
+            self.system_metrics.finish()
         if hasattr(self, "tracker"):
             self.tracker.close(status)

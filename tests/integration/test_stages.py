@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def stages(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
-    common = ["deepspeed.zero_stage=3", "run.pipeline=stages-test"]
+    common = ["deepspeed.zero_stage=3", "run.pipeline=stages-test", "run.system_metrics_interval=1"]
     run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "pre", *common, "model.pre_logits=32"))
     finetune = run_deepspeed("launch/train.py", 2, *train_args(
         digits_shards, out, "ft", *common, "run.stage=finetune", f"finetune.init_from={out}/pre", "model.image_size=16",
@@ -32,7 +32,7 @@ def stages(digits_shards, tmp_path_factory):
     evaluate = run_deepspeed("launch/evaluate.py", 2, "--config", str(config), "--checkpoint", str(out / "ft"),
                              f"run.output_dir={out}", "run.name=eval", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
                              f"data.eval_shards={digits_shards}/val.json", "data.num_workers=2",
-                             "eval.micro_batch_size=32", "run.pipeline=stages-test")
+                             "eval.micro_batch_size=32", "run.pipeline=stages-test", "eval.log_model=true")
     return {"out": out, "shards": digits_shards, "finetune_log": finetune.stdout + finetune.stderr,
             "evaluate_log": evaluate.stdout + evaluate.stderr}
 
@@ -64,11 +64,27 @@ def test_evaluation_counts_every_sample_once_on_two_ranks(stages):
     assert (out / "eval/confusion_matrix.png").stat().st_size > 1000
     assert f"on {expected} images" in stages["evaluate_log"]
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
-    evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
-    assert evaluation.data.metrics["top1"] == pytest.approx(report["top1"])
-    assert {r.data.tags["pipeline"] for r in runs} == {"stages-test"}
+    experiment = client.get_experiment_by_name("vit-pipeline-demo")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == ["evaluate", "finetune", "pipeline", "pretrain"]
+    assert runs["evaluate"].data.metrics["top1"] == pytest.approx(report["top1"])
+    model = {a.path: a.file_size for a in client.list_artifacts(runs["evaluate"].info.run_id, "model")}
+    assert set(model) == {"model/model.safetensors", "model/model.json"} and model["model/model.safetensors"] > 10_000
+    assert {r.data.tags["pipeline"] for r in runs.values()} == {"stages-test"}
+    parent = runs.pop("pipeline")
+    assert parent.info.run_name == "stages-test" and parent.info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs.values()} == {parent.info.run_id}
+    for stage, contexts in (("pretrain", {"training", "evaluation"}), ("finetune", {"training", "evaluation"}),
+                            ("evaluate", {"evaluation"})):
+        inputs = runs[stage].inputs.dataset_inputs
+        assert {t.value for d in inputs for t in d.tags if t.key == "mlflow.data.context"} == contexts, stage
+        assert {d.dataset.name for d in inputs} <= {f"{stages['shards'].name}/train", f"{stages['shards'].name}/val"}
+    # one rank per node (here: one node) logs system metrics, every second here; the 2-step
+    # fine-tune may end before MLflow's monitor publishes its first sample
+    system = [k for k in runs["pretrain"].data.metrics if k.startswith("system/")]
+    assert any(k.endswith("/cpu_utilization_percentage") for k in system), system
+    assert any(k.endswith("/system_memory_usage_megabytes") for k in system), system
 
 
 def test_export_loads_into_timm(stages, tmp_path):

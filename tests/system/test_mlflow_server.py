@@ -76,9 +76,11 @@ def test_training_survives_the_server_going_away_and_catches_up(digits_shards, t
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name("vit-pipeline-demo")
         runs = client.search_runs([experiment.experiment_id])
-        assert len(runs) == 1, "one run for the job, never one per rank"
-        run = runs[0]
-        assert run.info.status == "FINISHED"
+        stage_runs = [r for r in runs if r.data.tags["stage"] != "pipeline"]
+        assert len(stage_runs) == 1, "one run for the job, never one per rank"
+        run, parent = stage_runs[0], next(r for r in runs if r.data.tags["stage"] == "pipeline")
+        assert run.info.status == parent.info.status == "FINISHED" and len(runs) == 2
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.info.run_name == "system-test"
         assert run.data.tags["stage"] == "pretrain" and run.data.tags["pipeline"] == "system-test"
         assert run.data.params["deepspeed.zero_stage"] == "2"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]

@@ -37,9 +37,11 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
     assert json.loads((run_dir / "checkpoints/step00000010/complete.json").read_text())["world_size"] == 2
     assert max(metrics(run_dir)) == 10
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id],
+                              "tags.stage = 'pretrain'")
     assert len(runs) == 1 and runs[0].data.tags["slurm_job_id"] == job_id
-    assert runs[0].data.tags["pipeline"] == f"slurm-{job_id}"
+    assert runs[0].data.tags["pipeline"] == f"slurm-{job_id}"  # a job is a pipeline of one stage: nested
+    assert client.get_run(runs[0].data.tags["mlflow.parentRunId"]).data.tags["stage"] == "pipeline"
 
 
 def test_pipeline_submits_nothing_when_a_dry_run_fails(slurm_cluster, digits_shards, tmp_path):

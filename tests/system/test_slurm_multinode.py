@@ -55,9 +55,11 @@ def submit(cluster, tmp_path, script: str, resources: list[str], *args: str) -> 
     return result.stdout.strip().split(";")[0]
 
 
-def runs_of(cluster, pipeline: str):
+def runs_of(cluster, pipeline: str, stage_runs: bool = True):
+    """The pipeline's stage runs (or only its parent run, with ``stage_runs=False``)."""
     experiment = cluster.store.get_experiment_by_name("vit-pipeline-demo")
-    return cluster.store.search_runs([experiment.experiment_id], f"tags.pipeline = '{pipeline}'")
+    return cluster.store.search_runs([experiment.experiment_id], f"tags.pipeline = '{pipeline}' and "
+                                     f"tags.stage {'!=' if stage_runs else '='} 'pipeline'")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,8 @@ def preempted_pretrain(cluster, digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain2n")
     (out / "logs").mkdir()
     overrides = demo_overrides(digits_shards, out, STEPS, cluster.tracking_uri)
-    overrides += ["train.log_every=1", "train.checkpoint_every=1000", "run.pipeline=two-node"]
+    overrides += ["train.log_every=1", "train.checkpoint_every=1000", "run.pipeline=two-node",
+                  "run.system_metrics_interval=1"]
     job = submit(cluster, out, "pretrain.sh", ["--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=1",
                                                "--gpus-per-node=0", "--time=30"],
                  str(ROOT / "configs/demo/pretrain.yaml"), *overrides)
@@ -122,6 +125,12 @@ def test_signal_saves_every_rank_at_one_step_and_the_job_resumes(cluster, preemp
     history = cluster.store.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted({m.step for m in history}) == list(range(1, STEPS + 1))
     assert runs[0].info.status == "FINISHED"
+    (parent,) = runs_of(cluster, "two-node", stage_runs=False)
+    assert runs[0].data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.info.status == "FINISHED"
+    # system metrics from local rank 0 of each node, apart by hostname
+    logged = {k.split("/")[1] for k in runs[0].data.metrics if k.startswith("system/")
+              and k.endswith("/cpu_utilization_percentage")}
+    assert logged == set(NODES), logged
 
 
 def test_the_tracking_server_is_reached_from_both_nodes(cluster, preempted_pretrain):
@@ -186,6 +195,8 @@ def test_pipeline_runs_three_stages_across_two_nodes(cluster, digits_shards, tmp
     assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "val.json").read_text())["num_samples"]
     runs = runs_of(cluster, "two-node-pipeline")
     assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
+    (parent,) = runs_of(cluster, "two-node-pipeline", stage_runs=False)
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}, "one run tree, three jobs"
 
 
 def test_torchrun_across_two_nodes(cluster, digits_shards, tmp_path):
