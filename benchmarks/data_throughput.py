@@ -157,7 +157,7 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import resized_crop
 
-    from pipeline.data.transforms import crop_resize, open_image, pil_to_uint8, sample_crop_box
+    from pipeline.data.transforms import crop_resize, dct_reduction, open_image, pil_to_uint8, sample_crop_box
 
     width, height = size
     rng = random.Random(0)
@@ -172,9 +172,7 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
                             round((left + w) * sx) - x0, [224, 224], antialias=True)
 
     def power_of_two(box):
-        reduction = 1
-        while reduction < 8 and min(box[2:]) / 224 >= 2 * reduction:
-            reduction *= 2
+        reduction = dct_reduction(min(box[2:]) / 224)
         return dict(min_factor=reduction, min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction))
 
     def pil_draft(data, box):  # the CPU path until 2026-11-23 for boxes >= 2x the size

@@ -80,6 +80,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     step_s = compute_s + comm_s * (1 - assume.comm_overlap)
     images_per_s = config.train.global_batch_size / step_s
     steps = config.total_steps()
+    decode_per_core = decode_rate(config, assume)
     return {
         "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
         "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
@@ -91,8 +92,8 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
         "step_time_s": step_s, "images_per_s": images_per_s, "images_per_s_per_gpu": images_per_s / gpus,
         "mfu": assume.hfu * (3 / 4 if recompute else 1.0),
         "total_steps": steps, "wall_clock_hours": steps * step_s / 3600 if steps else None,
-        "decode_cores_per_gpu": images_per_s / gpus / decode_rate(config, assume),
-        "decode": config.data.decode, "decode_images_per_s_per_core": decode_rate(config, assume),
+        "decode_cores_per_gpu": images_per_s / gpus / decode_per_core,
+        "decode": config.data.decode, "decode_images_per_s_per_core": decode_per_core,
         "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
         "communication_s_per_step": comm_s,
         "scaling_efficiency": {str(n): e for n, e in scaling.items()},

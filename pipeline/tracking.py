@@ -8,6 +8,8 @@ nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import queue
@@ -57,9 +59,6 @@ def describe_shards(spec: str, context: str) -> dict[str, str]:
     """An MLflow dataset input for a shard spec: its name (manifest folder/split, or the spec), a
     digest of the manifest (or of the spec), the source, and a profile of sample, class and
     shard counts; ``context`` is 'training' or 'evaluation'."""
-    import hashlib
-    import json
-
     path = Path(spec)
     if spec.endswith(".json") and path.is_file():
         text = path.read_bytes()

@@ -277,10 +277,14 @@ def write_sidecar(path: str | Path, index: ShardIndex | None = None) -> Path:
     return out
 
 
+def _describes(header: bytes, size: int) -> bool:
+    """Whether ``header`` is a whole tar header of a file of ``size`` bytes."""
+    return len(header) >= tarfile.BLOCKSIZE and _header_ok(header[:tarfile.BLOCKSIZE]) and _number(header[124:136]) == size
+
+
 def _file_ok(fd: int, data: int, size: int) -> bool:
     """Whether the block before ``data`` is a tar header of a file of ``size`` bytes."""
-    header = os.pread(fd, tarfile.BLOCKSIZE, data - tarfile.BLOCKSIZE)
-    return len(header) == tarfile.BLOCKSIZE and _header_ok(header) and _number(header[124:136]) == size
+    return _describes(os.pread(fd, tarfile.BLOCKSIZE, data - tarfile.BLOCKSIZE), size)
 
 
 def _read_sidecar(path: str, tar_bytes: int) -> ShardIndex | None:
@@ -409,8 +413,7 @@ def shard_members(url: str, members: Iterable[int]) -> Iterator[tuple[int, dict]
                 key, files = index.sample(i)
                 blocks = {ext: os.pread(fd, size + tarfile.BLOCKSIZE, data - tarfile.BLOCKSIZE)
                           for ext, (data, size) in files.items()}
-                if walked or all(_header_ok(b[:tarfile.BLOCKSIZE]) and _number(b[124:136]) == files[ext][1]
-                                 for ext, b in blocks.items()):
+                if walked or all(_describes(b, files[ext][1]) for ext, b in blocks.items()):
                     break
                 log.warning("sample index of '%s' is stale at sample %d: walking its tar headers", url, i)
                 index, walked = shard_index(url, walk=True), True

@@ -95,14 +95,20 @@ def sample_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def decode_jpeg_scaled(data: bytes, width: int, height: int, shrink: float) -> np.ndarray | None:
-    """A JPEG of ``width`` x ``height`` decoded to RGB (H, W, 3) uint8 by libjpeg-turbo (simplejpeg)
-    at the smallest of its fast DCT scales (1, 1/2, 1/4, 1/8) that shrinks by at most ``shrink``;
-    None where it refuses the file (CMYK, damaged): the caller falls back to PIL. The other
-    scales (7/8 ... 3/8) decode slower than the full image, so they are not used."""
+def dct_reduction(shrink: float) -> int:
+    """The largest of libjpeg-turbo's fast DCT reductions (1, 2, 4, 8) that is at most ``shrink``.
+    The other scales (7/8 ... 3/8) decode slower than the full image, so they are not used."""
     reduction = 1
     while reduction < 8 and shrink >= 2 * reduction:
         reduction *= 2
+    return reduction
+
+
+def decode_jpeg_scaled(data: bytes, width: int, height: int, shrink: float) -> np.ndarray | None:
+    """A JPEG of ``width`` x ``height`` decoded to RGB (H, W, 3) uint8 by libjpeg-turbo (simplejpeg)
+    at the smallest fast DCT scale that shrinks by at most ``shrink`` (:func:`dct_reduction`);
+    None where it refuses the file (CMYK, damaged): the caller falls back to PIL."""
+    reduction = dct_reduction(shrink)
     try:
         return simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=reduction,
                                       min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction))
