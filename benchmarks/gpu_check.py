@@ -45,8 +45,12 @@ def launch(script: str, ranks: int, config: str, overrides: list[str], env: dict
 
 
 def last_metrics(run_dir: Path) -> dict:
+    """The latest value of every key: the last training line with the last validation's figures."""
     path = run_dir / "metrics.jsonl"
-    return json.loads(path.read_text().splitlines()[-1]) if path.exists() else {}
+    merged: dict = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        merged.update(json.loads(line))
+    return merged
 
 
 def fmt(value, spec: str) -> str:
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             code, seconds = launch(script, ranks, config, common + extra, env, work / f"{name}.log")
             run_dir = work / extra[0].split("=", 1)[1]
             row = {"stage": name, "exit": code, "seconds": round(seconds, 1), **{k: last_metrics(run_dir).get(k) for k in
-                   ("step", "loss", "images_per_s", "max_memory_gb", "mfu")}}
+                   ("step", "loss", "images_per_s", "max_memory_gb", "mfu", "val/top1", "val_ema/top1")}}
             if name == "evaluate" and (run_dir / "report.json").exists():
                 report = json.loads((run_dir / "report.json").read_text())
                 row.update(top1=report["top1"], num_samples=report["num_samples"])

@@ -4,7 +4,8 @@
     python launch/export.py --checkpoint runs/vit_h14-ft448 --out vit_h14_448.safetensors
 
 --checkpoint is a run directory (newest checkpoint), a checkpoints folder or one stepNNNNNNNN
-checkpoint, of any ZeRO stage and world size. Writes OUT and OUT.json (the timm arguments):
+checkpoint, of any ZeRO stage and world size; --ema takes its EMA weights (train.ema_decay).
+Writes OUT and OUT.json (the timm arguments):
 
     model = timm.models.vision_transformer.VisionTransformer(**json.load(open("OUT.json")))
     model.load_state_dict(safetensors.torch.load_file("OUT"), strict=True)
@@ -25,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run, checkpoints or stepNNNNNNNN directory")
     parser.add_argument("--out", required=True, help="output .safetensors file")
+    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (the run set train.ema_decay)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from pipeline.train.consolidate import export_checkpoint
 
-    out, config_path, params = export_checkpoint(args.checkpoint, args.out)
+    out, config_path, params = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
     print(f"wrote {out} ({params:,} parameters) and {config_path}: {json.loads(config_path.read_text())}")
     return 0
 

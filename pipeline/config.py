@@ -146,6 +146,9 @@ class TrainConfig(Section):
     resume: str = Field("auto", description="'auto' (latest in the run directory), 'never', or a checkpoint path.")
     max_bad_steps: int = Field(0, ge=0, description="Optimizer steps with a non-finite loss to skip (their update is dropped) before stopping the run; bf16 only.")
     device_peak_tflops: float | None = Field(None, gt=0.0, description="Peak bf16 TFLOP/s per device for MFU; default from the device table.")
+    eval_every: int | None = Field(None, gt=0, description="Steps between validations on data.eval_shards (val/top1, val/top5, val/loss; also at the end); null for none.")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the weights with this decay (partitioned like the fp32 weights; saved in checkpoints; validated as val_ema/*); null for none.")
+    ema_warmup: bool = Field(True, description="With ema_decay: ramp the decay up as 1 - (1 + step)^(-2/3) until it reaches ema_decay (timm's ModelEmaV3 warmup).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -199,11 +202,13 @@ class FinetuneConfig(Section):
     init_from: str | None = Field(None, description="Pretraining checkpoint directory or .safetensors file to start from.")
     reset_head: bool = Field(False, description="Re-initialise the head even when the class count matches.")
     freeze_backbone: bool = Field(False, description="Train the head only (linear probe).")
+    use_ema: bool = Field(False, description="Start from the EMA weights of the init_from checkpoint (its run set train.ema_decay).")
 
 
 class EvalConfig(Section):
     checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate.")
-    micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass.")
+    micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass (also validation during training).")
+    use_ema: bool = Field(False, description="Evaluate the checkpoint's EMA weights (its run set train.ema_decay).")
     log_model: bool = Field(False, description="Log the evaluated weights (safetensors for timm, and model.json) "
                             "as artifacts of the evaluation run, under model/ (ViT-H/14: 2.5 GB).")
 
@@ -227,6 +232,14 @@ class Config(Section):
         if self.train.max_bad_steps and self.deepspeed.precision != "bf16":
             raise ValueError("train.max_bad_steps needs deepspeed.precision=bf16: DeepSpeed skips the update of a "
                              "non-finite step only under bf16 (check_grad_overflow), an fp32 run would apply it")
+        if self.train.eval_every and not self.data.eval_shards:
+            raise ValueError("train.eval_every validates on data.eval_shards: set them, or train.eval_every=null")
+        if self.train.ema_decay is not None and self.deepspeed.zero_stage == 0:
+            raise ValueError("train.ema_decay keeps the EMA partitioned like ZeRO's fp32 weights: set "
+                             "deepspeed.zero_stage to 1, 2 or 3")
+        if self.train.ema_decay is not None and "nvme" in (self.deepspeed.offload_optimizer, self.deepspeed.offload_param):
+            raise ValueError("train.ema_decay reads the fp32 weights in place, which NVMe offload swaps out: "
+                             "offload to 'cpu' or 'none'")
         return self
 
     def check_world_size(self, world_size: int) -> None:

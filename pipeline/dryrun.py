@@ -76,6 +76,8 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
         if shards is not None:
             _check_train_streams(config, shards, world, report)
         _check_host_memory(config, shards, micro or config.train.micro_batch_size, gpus_per_node, assume, report)
+        if config.train.eval_every:
+            _check_shards(config, "data.eval_shards", config.data.eval_shards, report)
         if config.run.stage == "finetune":
             _check_link(config, "finetune.init_from", config.finetune.init_from, chain[1:], after, overrides, report)
         else:
@@ -121,6 +123,8 @@ def _check_train_memory(config: Config, shape: VitShape, micro: int, nodes: int,
                         assume: Assumptions, report: Report) -> None:
     ds = config.deepspeed
     states = model_state_bytes(shape, ds.zero_stage, nodes * gpus_per_node)
+    if config.train.ema_decay is not None:  # an fp32 EMA, partitioned over the ranks like the fp32 weights
+        states += 4 * param_count(shape) / (nodes * gpus_per_node)
     activations = micro * activation_bytes_per_image(shape, checkpointing=ds.activation_checkpointing,
                                                      flash=assume.flash_attention)
     usable = usable_bytes(assume)

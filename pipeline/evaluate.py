@@ -61,17 +61,25 @@ class Tally:
         for row, values in enumerate([weight, confidence.double() * weight, correct]):
             self.bins[row].index_add_(0, bin_index, values)
 
-    def all_reduce(self) -> None:
-        for tensor in [self.sums, self.per_class, self.bins, self.skipped] + ([self.confusion] if self.confusion is not None else []):
+    def all_reduce(self, summary: bool = False) -> None:
+        """Sum over ranks: everything, or with ``summary`` only what :meth:`summary` reads."""
+        tensors = [self.sums, self.skipped]
+        if not summary:
+            tensors += [self.per_class, self.bins] + ([self.confusion] if self.confusion is not None else [])
+        for tensor in tensors:
             dist.all_reduce(tensor)
 
-    def report(self, classes: list[str]) -> dict:
+    def summary(self) -> dict:
         loss, top1, top5, count = self.sums.tolist()
         count = max(count, 1)
+        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count}
+
+    def report(self, classes: list[str]) -> dict:
+        count = max(self.sums[3].item(), 1)
         per_class = (self.per_class[0] / self.per_class[1].clamp(min=1)).tolist()
         ece = float((self.bins[1] - self.bins[2]).abs().sum() / count)
         return {
-            "top1": top1 / count, "top5": top5 / count, "loss": loss / count, "ece": ece,
+            **self.summary(), "ece": ece,
             "num_samples": int(self.sums[3]), "skipped": int(self.skipped.item()),
             "per_class_accuracy": {(classes[i] if i < len(classes) else str(i)): acc
                                    for i, acc in enumerate(per_class) if self.per_class[1, i] > 0},
@@ -84,20 +92,55 @@ class Preempted(RuntimeError):
 
 def eval_model(config: Config, source: str, env: DistEnv, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The model at ``config.model.image_size`` with the weights of ``source`` (read on rank 0;
-    pos_embed resampled when the resolution differs; the classes must match), in eval mode and
+    its EMA weights with ``eval.use_ema``; pos_embed resampled when the resolution differs; the
+    classes must match), in eval mode and
     the configured precision: a plain module on the device at ZeRO 0-2, a partitioned DeepSpeed
     engine at ZeRO-3."""
     c, batch_size = config, config.eval.micro_batch_size
     if c.deepspeed.zero_stage < 3:
-        model = build_model(c.model, device=device, pretrained=source, same_head=True)
+        model = build_model(c.model, device=device, pretrained=source, same_head=True, ema=c.eval.use_ema)
         return model.to(dtype).eval()
     ds_config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
                  "train_batch_size": batch_size * env.world_size, "bf16": {"enabled": dtype == torch.bfloat16},
                  "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}
-    model = build_model(c.model, device=device, ds_config=ds_config, zero3=True, pretrained=source, same_head=True)
+    model = build_model(c.model, device=device, ds_config=ds_config, zero3=True, pretrained=source, same_head=True,
+                        ema=c.eval.use_ema)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()  # returns None, unlike Module.eval
     return engine
+
+
+def eval_stream(config: Config, env: DistEnv) -> tuple[EvalStream, list[str]]:
+    """The exact evaluation stream of ``data.eval_shards`` for this rank, and the class names."""
+    c = config
+    shards = resolve_shards(c.data.eval_shards)
+    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
+                        rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
+                        image_size=c.model.image_size, num_classes=c.model.num_classes)
+    return stream, shards.classes
+
+
+@torch.no_grad()
+def run_eval(model, stream: EvalStream, tally: Tally, normalize: Normalize, dtype: torch.dtype, *, zero3: bool,
+             show: bool, desc: str = "evaluate") -> None:
+    """Every batch of ``stream`` through ``model`` into ``tally`` (not yet reduced over ranks).
+    Every rank runs the same number of batches (ZeRO-3 forwards are collective). Ranks agree on
+    a signal once a batch, read a batch late, so all leave at the same batch without waiting on
+    the device for it: :class:`Preempted` on every rank."""
+    device = tally.device
+    agreement = StepAgreement(device)
+    for index, batch in enumerate(tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not show,
+                                       desc=desc, unit="batch", leave=desc == "evaluate", dynamic_ncols=True)):
+        agreed = agreement.collect()
+        if agreed is not None and agreed[1]:
+            raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")
+        agreement.post(index, signals.received() is not None)
+        mask = batch["mask"].to(device, non_blocking=True)
+        tally.skipped += batch["skipped"].to(device, non_blocking=True)
+        if not zero3 and not batch["mask"].any():
+            continue  # a padding batch: only ZeRO-3 needs every rank's forward
+        images = normalize(batch["images"].to(device, non_blocking=True)).to(dtype)
+        tally.add(model(images), batch["labels"].to(device, non_blocking=True), mask)
 
 
 def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dict:
@@ -111,39 +154,20 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
     device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
     dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
     model = eval_model(config, str(source), env, device, dtype)
-    shards = resolve_shards(c.data.eval_shards)
-    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
-                        rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
-                        image_size=c.model.image_size, num_classes=c.model.num_classes)
+    stream, classes = eval_stream(config, env)
     tally = Tally(c.model.num_classes, device)
-    normalize = Normalize(c.data.mean, c.data.std, device)
-    agreement = StepAgreement(device)
     start = time.perf_counter()
-    with torch.no_grad():
-        for index, batch in enumerate(tqdm(eval_batches(stream), total=stream.batches_per_rank,
-                                           disable=not env.is_main, desc="evaluate", unit="batch")):
-            # Ranks agree on a signal once a batch, read a batch late, so all leave at the same
-            # batch (ZeRO-3 forwards are collective) without waiting on the device for it.
-            agreed = agreement.collect()
-            if agreed is not None and agreed[1]:
-                raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")
-            agreement.post(index, signals.received() is not None)
-            mask = batch["mask"].to(device, non_blocking=True)
-            tally.skipped += batch["skipped"].to(device, non_blocking=True)
-            if not zero3 and not batch["mask"].any():
-                continue  # a padding batch: only ZeRO-3 needs every rank's forward
-            images = normalize(batch["images"].to(device, non_blocking=True)).to(dtype)
-            tally.add(model(images), batch["labels"].to(device, non_blocking=True), mask)
+    run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), dtype, zero3=zero3, show=env.is_main)
     elapsed = time.perf_counter() - start
     tally.all_reduce()
-    report = tally.report(shards.classes)
-    report.update(images_per_s=report["num_samples"] / elapsed, checkpoint=str(source),
+    report = tally.report(classes)
+    report.update(images_per_s=report["num_samples"] / elapsed, checkpoint=str(source), ema=c.eval.use_ema,
                   image_size=c.model.image_size, world_size=env.world_size)
     if report["num_samples"] + report["skipped"] != stream.num_samples:
         raise RuntimeError(f"evaluated {report['num_samples']} + skipped {report['skipped']} samples, "
                            f"but the shards hold {stream.num_samples}")
     if env.is_main:
-        write_report(config, report, tally, shards.classes)
+        write_report(config, report, tally, classes)
     return report
 
 
@@ -159,7 +183,7 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
     tracker.log_artifact(run_dir / "report.json")
     if config.eval.log_model:
-        for path in model_files(report["checkpoint"], run_dir / "model"):
+        for path in model_files(report["checkpoint"], run_dir / "model", ema=report["ema"]):
             tracker.log_artifact(path, "model")
     if tally.confusion is not None:
         png = run_dir / "confusion_matrix.png"
@@ -168,12 +192,12 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker.close()
 
 
-def model_files(source: str, out_dir: Path) -> list[Path]:
+def model_files(source: str, out_dir: Path, ema: bool = False) -> list[Path]:
     """The evaluated weights as files a reviewer fetches from the run: a .safetensors source with
     its .json, or a checkpoint exported to ``out_dir/model.safetensors`` and ``model.json``."""
     if source.endswith(".safetensors"):
         return [p for p in (Path(source), Path(source).with_suffix(".json")) if p.is_file()]
-    out, config_path, _ = export_checkpoint(source, out_dir / "model.safetensors")
+    out, config_path, _ = export_checkpoint(source, out_dir / "model.safetensors", ema=ema)
     return [out, config_path]
 
 

@@ -36,11 +36,12 @@ def read_log(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="replace")
 
 
-def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> the last metrics record of that step (a line still being written is left out)."""
+def metrics(run_dir: Path, validation: bool = False) -> dict[int, dict]:
+    """step -> the last training record of that step, or with ``validation`` the validation
+    record (``val/*``) of that step (a line still being written is left out)."""
     text = read_log(run_dir / "metrics.jsonl")
     lines = text.splitlines()[:text.count("\n")]
-    return {record["step"]: record for record in map(json.loads, lines)}
+    return {record["step"]: record for record in map(json.loads, lines) if ("val/top1" in record) == validation}
 
 
 def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:

@@ -109,6 +109,18 @@ def test_skipping_non_finite_steps_needs_bf16():
     assert load_config("demo/pretrain", ["train.max_bad_steps=2"]).train.max_bad_steps == 2
 
 
+def test_validation_needs_eval_shards_and_the_ema_a_zero_stage():
+    with pytest.raises(ConfigError, match=r"train.eval_every validates on data.eval_shards"):
+        load_config("demo/pretrain", ["data.eval_shards=null"])
+    assert load_config("demo/pretrain", ["data.eval_shards=null", "train.eval_every=null"]).train.eval_every is None
+    with pytest.raises(ConfigError, match=r"train.ema_decay .* deepspeed.zero_stage to 1, 2 or 3"):
+        load_config("demo/pretrain", ["deepspeed.zero_stage=0"])
+    with pytest.raises(ConfigError, match=r"NVMe offload"):
+        load_config("demo/finetune", ["deepspeed.offload_param=nvme", "deepspeed.nvme_path=/tmp"])
+    with pytest.raises(ConfigError, match=r"ema_decay"):
+        load_config("demo/pretrain", ["train.ema_decay=1.0"])
+
+
 def test_batch_split_over_ranks_and_the_micro_batch_as_a_bound():
     with pytest.raises(ConfigError, match=r"does not split over 3 ranks.*train.global_batch_size=4095"):
         load_config("vit_l16", world_size=3)
@@ -166,7 +178,7 @@ def test_contract_keys_exist():
                 "model.variant", "model.image_size", "model.num_classes", "data.train_shards", "data.eval_shards",
                 "train.global_batch_size", "train.micro_batch_size", "train.total_steps", "train.stop_at_step",
                 "train.log_every", "train.checkpoint_every", "optim.lr", "deepspeed.zero_stage",
-                "deepspeed.activation_checkpointing", "finetune.init_from"]:
+                "deepspeed.activation_checkpointing", "finetune.init_from", "train.eval_every", "train.ema_decay"]:
         assert key in flat, key
     assert Path(CONFIG_DIR).is_dir()
 

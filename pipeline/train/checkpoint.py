@@ -118,9 +118,11 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int, rank: int):
         self.directory, self.keep, self.rank = Path(directory), keep, rank
 
-    def save(self, engine, step: int, client_state: dict, model_signature: dict) -> Path:
+    def save(self, engine, step: int, client_state: dict, model_signature: dict, extra=None) -> Path:
         """Collective: every rank calls it. ``model_signature`` goes into the completion marker,
-        so a checkpoint of another model is refused before DeepSpeed reads it."""
+        so a checkpoint of another model is refused before DeepSpeed reads it. ``extra(path,
+        step)``, if given, writes more of the rank's state into the checkpoint before it is marked
+        complete."""
         tag = tag_for(step)
         path = self.directory / tag
         if self.rank == 0 and path.exists():
@@ -128,6 +130,8 @@ class Checkpointer:
         _barrier()
         try:
             engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=True)
+            if extra is not None:
+                extra(path, step)
         except OSError as e:
             previous = complete_checkpoints(self.directory)
             kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"

@@ -22,6 +22,7 @@ from pipeline.model import VisionTransformer, vit_from_config
 from pipeline.model.weights import HEAD_KEYS, adapt_state_dict, load_safetensors
 from pipeline.train.checkpoint import COMPLETE, resolve_resume
 from pipeline.train.distributed import on_rank0
+from pipeline.train.ema import read_ema_state
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,22 @@ class _SafetensorsEntry:
         return self.handle.get_tensor(self.key)
 
 
-def consolidated_state_dict(source: str | Path, *, lazy: bool = False) -> dict:
+def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool = False) -> dict:
     """Weights from ``source``: a ``.safetensors`` file (ours or timm's), a checkpoint
     ``stepNNNNNNNN`` directory, a ``checkpoints`` directory or a run directory (the newest
-    complete checkpoint). ZeRO partitions are merged with DeepSpeed's ``zero_to_fp32``.
+    complete checkpoint). ZeRO partitions are merged with DeepSpeed's ``zero_to_fp32``. With
+    ``ema``, the checkpoint's EMA of the trained parameters (frozen ones as they are).
 
     With ``lazy``, values have ``.shape`` and read their fp32 tensor on ``.contiguous()``, so a
     caller that takes them one at a time never holds the whole model twice."""
+    if ema:
+        if Path(source).suffix == ".safetensors":
+            raise ValueError(f"'{source}' is a weights file, which holds one set of weights: EMA weights come "
+                             f"from a training checkpoint (exported EMA weights load as they are, without use_ema)")
+        state = consolidated_state_dict(source, lazy=True)
+        state.update(read_ema_state(checkpoint_dir(source)))
+        log.info("taking the EMA weights of %s", checkpoint_dir(source))
+        return state if lazy else {k: v.contiguous().float() for k, v in state.items()}
     if Path(source).suffix == ".safetensors":
         if not lazy:
             return load_safetensors(source)
@@ -116,10 +126,11 @@ def adapt_to_config(state: Mapping, model_config, *, reset_head: bool = False,
     return adapt_state_dict(state, reference, reset_head=reset_head, source=source)
 
 
-def read_pretrained(source: str | Path, model_config, *, reset_head: bool = False, same_head: bool = False) -> dict:
-    """The weights of ``source`` adapted to ``model_config`` (lazily read). With ``same_head``
-    (evaluation) the checkpoint's head must fit the model's classes as it is."""
-    state = consolidated_state_dict(source, lazy=True)
+def read_pretrained(source: str | Path, model_config, *, reset_head: bool = False, same_head: bool = False,
+                    ema: bool = False) -> dict:
+    """The weights (or ``ema`` weights) of ``source`` adapted to ``model_config`` (lazily read).
+    With ``same_head`` (evaluation) the checkpoint's head must fit the model's classes as it is."""
+    state = consolidated_state_dict(source, lazy=True, ema=ema)
     if same_head:
         classes = model_config.num_classes
         if HEAD_KEYS[0] in state and classes and state[HEAD_KEYS[0]].shape[0] != classes:
@@ -157,11 +168,12 @@ def load_weights(model: torch.nn.Module, state: Mapping | None, *, zero3: bool) 
 
 def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: dict | None = None,
                 zero3: bool = False, pretrained: str | Path | None = None, reset_head: bool = False,
-                same_head: bool = False) -> VisionTransformer:
+                same_head: bool = False, ema: bool = False) -> VisionTransformer:
     """The configured ViT on every rank, initialised, then filled from ``pretrained`` if given
     (read on rank 0 only; a failure there is raised on every rank). Under ZeRO-3 parameters are
     partitioned as each module is built and initialised one module at a time, gathered, so no
-    rank holds the whole model; otherwise it is built directly on ``device``. Seed the RNG alike
+    rank holds the whole model; otherwise it is built directly on ``device``. With ``ema`` the
+    source checkpoint's EMA weights are taken. Seed the RNG alike
     on every rank first: fresh weights must agree."""
     import deepspeed
 
@@ -172,15 +184,16 @@ def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
             model.init_module_weights(name, module)
     if pretrained:
-        state = on_rank0(lambda: read_pretrained(pretrained, model_config, reset_head=reset_head, same_head=same_head))
+        state = on_rank0(lambda: read_pretrained(pretrained, model_config, reset_head=reset_head, same_head=same_head,
+                                                 ema=ema))
         load_weights(model, state, zero3=zero3)
     return model
 
 
-def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path, int]:
+def export_checkpoint(source: str | Path, out: str | Path, ema: bool = False) -> tuple[Path, Path, int]:
     """A checkpoint (run, checkpoints or stepNNNNNNNN directory; any ZeRO stage and world size)
-    as a safetensors file timm loads, and ``out.json`` with the timm arguments (:func:`export_safetensors`).
-    Returns both paths and the parameter count."""
+    as a safetensors file timm loads, and ``out.json`` with the timm arguments (:func:`export_safetensors`);
+    its EMA weights with ``ema``. Returns both paths and the parameter count."""
     from pipeline.config import ModelConfig
     from pipeline.model.weights import export_safetensors
     from pipeline.train.checkpoint import read_marker
@@ -188,7 +201,7 @@ def export_checkpoint(source: str | Path, out: str | Path) -> tuple[Path, Path, 
     source = checkpoint_dir(source)
     with torch.device("meta"):  # the model the marker records, built as training built it; no memory
         model = vit_from_config(ModelConfig.model_validate(read_marker(source)["model"]))
-    state = consolidated_state_dict(source)
+    state = consolidated_state_dict(source, ema=ema)
     model.load_state_dict(state, strict=True, assign=True)  # the checkpoint is the model its marker says
     out, config_path = export_safetensors(state, model, out)
     return out, config_path, sum(v.numel() for v in state.values())

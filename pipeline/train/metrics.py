@@ -44,6 +44,10 @@ class Meter:
         self.sums = sums if self.sums is None else self.sums + sums
         self.count += images
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (a validation) out of the window's time."""
+        self.start += seconds
+
     def window(self) -> tuple[float, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         return elapsed, self.data_wait / elapsed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from pipeline.config import Config
 from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
 from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
+from pipeline.evaluate import Preempted, Tally, eval_stream, run_eval
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
@@ -26,6 +28,7 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
 from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements
+from pipeline.train.ema import ShardedEma, has_ema
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
@@ -77,8 +80,12 @@ class Trainer:
     2. resume: rank 0 picks the checkpoint to resume, the others are told (a broadcast);
     3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
        and broadcast; ZeRO-3 partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets);
-    4. state: the checkpoint loaded (every rank reads its partition), then the client state;
+    4. state: the checkpoint loaded (every rank reads its partition), then the client state,
+       and with ``train.ema_decay`` the EMA (each rank its own fragments; none);
     5. tracking: rank 0 starts or resumes the MLflow run, the others learn its id (a broadcast).
+
+    With ``train.eval_every``, every rank holds the exact evaluation stream of ``data.eval_shards``
+    and validates the model (and its EMA) every that many steps and at the end.
     """
 
     def __init__(self, config: Config, env: DistEnv):
@@ -107,10 +114,12 @@ class Trainer:
             log.info("%s", describe_placements(self.placements))
             (self.run_dir / "ranks.json").write_text(json.dumps(self.placements, indent=1))
         self.loader = self.build_loader()
+        self.eval_stream = eval_stream(config, env)[0] if config.train.eval_every else None
         resume = self.agree_on_resume()
         self.engine = self.build_engine(resume)
         self.schedule()
         run_id = self.resume(resume)
+        self.ema = self.build_ema(resume)
         self.tracker = self.start_tracking(run_id)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
 
@@ -126,7 +135,8 @@ class Trainer:
     def build_engine(self, resume: Path | None) -> deepspeed.DeepSpeedEngine:
         c = self.config
         seed_everything(c.run.seed)  # the same initial weights on every rank
-        model = self.build_model(pretrained=c.finetune.init_from if c.run.stage == "finetune" and resume is None else None)
+        model = self.build_model(pretrained=c.finetune.init_from if c.run.stage == "finetune" and resume is None else None,
+                                 ema=c.finetune.use_ema)
         optimizer = build_optimizer(model, c.optim, offload=c.deepspeed.offload_optimizer != "none", device=self.device)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         seed_everything(c.run.seed + 1000 * self.env.rank)  # dropout and mixing differ per rank
@@ -154,11 +164,25 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.step)
         return state.get("mlflow_run_id")
 
-    def build_model(self, pretrained: str | None) -> VisionTransformer:
+    def build_ema(self, resume: Path | None) -> ShardedEma | None:
+        """The EMA of the weights, resumed from the checkpoint's (the original of a universal one)."""
+        c = self.config.train
+        if c.ema_decay is None:
+            return None
+        ema = ShardedEma(self.engine, c.ema_decay, c.ema_warmup)
+        if resume is not None:
+            source = resume.with_name(resume.name.removesuffix(ckpt.UNIVERSAL))
+            if has_ema(source):
+                ema.load(source)
+            elif self.is_main:
+                log.warning("train.ema_decay: checkpoint %s holds no EMA; the EMA starts from its weights", source)
+        return ema
+
+    def build_model(self, pretrained: str | None, ema: bool = False) -> VisionTransformer:
         config = self.config
         model = build_model(config.model, device=self.device, ds_config=self.ds_config,
                             zero3=config.deepspeed.zero_stage == 3, pretrained=pretrained,
-                            reset_head=config.finetune.reset_head)
+                            reset_head=config.finetune.reset_head, ema=ema)
         if config.finetune.freeze_backbone:
             model.freeze_backbone()
         if config.deepspeed.activation_checkpointing:
@@ -248,6 +272,8 @@ class Trainer:
             nonfinite += ~torch.isfinite(loss.detach())
             meter.add(loss.detach(), logits.detach().argmax(-1) == labels, len(labels))
         self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.step)
         self.lr = lr
         previous = self.agreement.collect()
         self.agreement.post(self.step, signals.received() is not None, nonfinite)
@@ -280,6 +306,7 @@ class Trainer:
         meter = Meter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
                    unit="step", dynamic_ncols=True)
+        postfix: dict[str, str] = {}
         status = 0
         try:
             while self.step < self.total_steps:
@@ -290,10 +317,21 @@ class Trainer:
                     stop |= self.settle()
                 if self.step % c.log_every == 0 or self.step == self.total_steps:
                     record = self.log_window(meter)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                    img_s=f"{record['images_per_s']:.0f}")
+                    postfix.update(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                   img_s=f"{record['images_per_s']:.0f}")
+                    bar.set_postfix(postfix)
                 if save:
                     self.save()
+                if not stop and c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
+                    try:
+                        record = self.validate(meter)
+                        postfix["val_top1"] = f"{record['val/top1']:.4f}"
+                        bar.set_postfix(postfix)
+                    except Preempted:
+                        stop = True  # every rank left the validation at the same batch
+                        if not save:
+                            self.settle()
+                            self.save()
                 if stop:
                     log.warning("saved step %d after %s; exiting with %d for a requeue", self.step,
                                 signals.received() or "a signal on another rank", EXIT_PREEMPTED)
@@ -306,6 +344,39 @@ class Trainer:
         finally:
             bar.close()
         return status
+
+    def validate(self, meter: Meter) -> dict:
+        """Top-1, top-5 and loss over the evaluation stream, of the weights and of their EMA, as
+        ``val/*`` and ``val_ema/*`` (a metrics line and MLflow, at this step). Every rank runs
+        the stream's batches; the time it takes (``val/time_s``) is kept out of the training
+        window's images/s, and the RNG is left as it was, so training goes on as without it."""
+        start, rng = time.perf_counter(), rng_state()
+        record: dict = {"step": self.step}
+        self.engine.eval()
+        try:
+            record.update(self._validate("val"))
+            if self.ema is not None:
+                with self.ema.swapped_in():
+                    record.update(self._validate("val_ema"))
+        finally:
+            self.engine.train()
+            set_rng_state(rng)
+        record["val/time_s"] = time.perf_counter() - start
+        meter.exclude(record["val/time_s"])
+        self.metrics.write(record)
+        if self.is_main:
+            log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
+        return record
+
+    def _validate(self, prefix: str) -> dict:
+        tally = Tally(self.config.model.num_classes, self.device)
+        run_eval(self.engine, self.eval_stream, tally, self.normalize, self.dtype, show=self.is_main, desc=prefix,
+                 zero3=self.config.deepspeed.zero_stage == 3)
+        tally.all_reduce(summary=True)
+        counted = int(tally.sums[3].item() + tally.skipped.item())
+        if counted != self.eval_stream.num_samples:
+            raise RuntimeError(f"validation saw {counted} samples, the evaluation shards hold {self.eval_stream.num_samples}")
+        return {f"{prefix}/{k}": v for k, v in tally.summary().items()}
 
     def log_window(self, meter: Meter) -> dict:
         """Reduce the window's figures over ranks, write one metrics line, reset the window."""
@@ -365,7 +436,8 @@ class Trainer:
             seed_everything(self.config.run.seed + 1000 * self.env.rank + self.step)
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config))
+        return self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config),
+                                     extra=self.ema.save if self.ema is not None else None)
 
     def close(self, status: str = "FINISHED") -> None:
         if getattr(self, "system_metrics", None) is not None:

@@ -32,7 +32,7 @@ CONFIGS = sorted(str(p.relative_to(CONFIG_DIR)) for p in CONFIG_DIR.glob("**/*.y
 KEPT = ["deepspeed.zero_stage", "deepspeed.precision", "deepspeed.activation_checkpointing",
         "deepspeed.grad_accum_dtype", "deepspeed.reduce_dtype", "optim.name", "optim.schedule",
         "optim.layer_decay", "optim.lr", "optim.weight_decay", "finetune.reset_head", "model.num_classes",
-        "model.global_pool", "train.global_batch_size", "train.micro_batch_size"]
+        "model.global_pool", "train.global_batch_size", "train.micro_batch_size", "train.ema_decay"]
 
 
 def is_evaluation(config) -> bool:
@@ -124,9 +124,13 @@ def test_config_runs_through_its_stage(name, chain, default_shards):
         expected = json.loads((default_shards / "val.json").read_text())["num_samples"]
         assert report["num_samples"] + report["skipped"] == expected and report["world_size"] == 2
         assert 0 <= report["top1"] <= report["top5"] <= 1
+        assert report["ema"] == config.eval.use_ema  # the EMA weights of the fine-tune, where the config asks
         return
     records = metrics(run_dir)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+    if config.train.eval_every:  # the interval is longer than the tiny run: validated once, at the end
+        assert sorted(metrics(run_dir, validation=True)) == [2]
+    assert (run_dir / "checkpoints/step00000002/ema").is_dir() == (config.train.ema_decay is not None)
     marker = json.loads((run_dir / "checkpoints/step00000002/complete.json").read_text())
     assert marker["zero_stage"] == config.deepspeed.zero_stage and marker["world_size"] == 2
     # The fp32 weights the next stage starts from are the trained ones: rounded, the bf16 module's

@@ -12,8 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from pipeline.config import ModelConfig
 from pipeline.model import resample_pos_embed
-from pipeline.train.consolidate import consolidated_state_dict
+from pipeline.train.consolidate import checkpoint_dir, consolidated_state_dict, read_pretrained
+from pipeline.train.ema import read_ema_state
 
 from tests.helpers import ROOT, metrics, run_deepspeed, train_args
 
@@ -102,3 +104,25 @@ def test_export_loads_into_timm(stages, tmp_path):
     ours.load_state_dict(consolidated_state_dict(out / "ft"))
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-4)
+
+
+def test_export_and_fine_tuning_can_take_the_ema_weights(stages, tmp_path):
+    """The demo pretraining config keeps an EMA: export --ema and finetune.use_ema read it,
+    assembled from both ranks' ZeRO-3 fragments; untrained (frozen) tensors would come as they are."""
+    pre = stages["out"] / "pre"
+    ema = {k: v.contiguous() for k, v in read_ema_state(checkpoint_dir(pre)).items()}
+    weights = consolidated_state_dict(pre)
+    chosen = consolidated_state_dict(pre, ema=True)
+    assert chosen.keys() == weights.keys() == ema.keys()
+    assert any(not torch.equal(ema[k], weights[k]) for k in ema)  # the EMA lags the weights
+    for key, value in chosen.items():
+        torch.testing.assert_close(value, ema[key], rtol=0, atol=0, msg=key)
+    target = tmp_path / "ema.safetensors"
+    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(pre), "--out", str(target),
+                    "--ema"], check=True, capture_output=True, text=True)
+    exported = load_file(str(target))
+    torch.testing.assert_close(exported["blocks.0.attn.qkv.weight"].float(), ema["blocks.0.attn.qkv.weight"])
+    # what finetune.use_ema loads: the EMA, adapted to 16 px (pos_embed resampled, pre-logits dropped)
+    adapted = read_pretrained(pre, ModelConfig(variant="pico/2", image_size=16, num_classes=10), ema=True)
+    torch.testing.assert_close(adapted["blocks.3.mlp.fc2.weight"].contiguous(), ema["blocks.3.mlp.fc2.weight"])
+    torch.testing.assert_close(adapted["pos_embed"].contiguous(), resample_pos_embed(ema["pos_embed"], (8, 8)))

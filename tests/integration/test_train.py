@@ -21,13 +21,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
 def runs(request, digits_shards, tmp_path_factory):
-    """Per ZeRO stage: 8 steps straight, and 4 steps + stop + resume + 4 steps."""
+    """Per ZeRO stage: 8 steps straight, and 4 steps + stop + resume + 4 steps, both with an EMA
+    and validation every 4 steps; the first half of the resumed run validates at step 3 too, which
+    must change nothing in training."""
     stage = request.param
     out = tmp_path_factory.mktemp(f"zero{stage}")
-    common = [f"deepspeed.zero_stage={stage}"]
-    run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "straight", *common))
-    first = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.stop_at_step=4"))
-    second = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common))
+    common = [f"deepspeed.zero_stage={stage}", "train.ema_decay=0.9", "eval.micro_batch_size=128"]
+    run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "straight", *common, "train.eval_every=4"))
+    first = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.eval_every=3",
+                                                            "train.stop_at_step=4"))
+    second = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.eval_every=4"))
     return {"stage": stage, "out": out, "straight": out / "straight", "resumed": out / "resumed",
             "logs": first.stdout + first.stderr + second.stdout + second.stderr}
 
@@ -54,11 +57,25 @@ def test_exact_resume_loss_for_loss(runs):
     assert "resumed from" in runs["logs"] and "at step 4" in runs["logs"]
 
 
+def test_validation_and_ema_resume_exactly(runs):
+    """Validation lines at the interval and at the end; the EMA saved at step 4 resumes exactly."""
+    straight, resumed = metrics(runs["straight"], validation=True), metrics(runs["resumed"], validation=True)
+    assert sorted(straight) == [4, 8] and sorted(resumed) == [3, 8]  # the first half stopped at 4: 4 % 3 != 0
+    for key in ("val/top1", "val/top5", "val/loss", "val_ema/top1", "val_ema/top5", "val_ema/loss"):
+        assert resumed[8][key] == pytest.approx(straight[8][key], rel=1e-6), key
+    assert straight[8]["val/loss"] < straight[4]["val/loss"]
+    assert straight[8]["val_ema/loss"] != straight[8]["val/loss"]
+    assert all(record["val/time_s"] > 0 for record in straight.values())
+    assert list((runs["straight"] / "checkpoints/step00000008/ema").glob("rank*.safetensors"))
+
+
 def test_resume_on_fewer_ranks(runs, tmp_path):
-    """2 ranks -> 1 rank through DeepSpeed's universal checkpoint."""
+    """2 ranks -> 1 rank through DeepSpeed's universal checkpoint; the EMA is re-sliced from the
+    two ranks' files."""
     work = copy_checkpoint(runs["resumed"], 8, tmp_path / "one-rank")
     result = run_deepspeed("launch/train.py", 1, *train_args(
-        _shards_of(runs), tmp_path, "one-rank", f"deepspeed.zero_stage={runs['stage']}", "train.total_steps=10"))
+        _shards_of(runs), tmp_path, "one-rank", f"deepspeed.zero_stage={runs['stage']}", "train.total_steps=10",
+        "train.ema_decay=0.9", "train.eval_every=10"))
     assert (work / "checkpoints/step00000008_universal").is_dir()
     records = metrics(work)
     assert sorted(records) == [9, 10]
@@ -69,6 +86,10 @@ def test_resume_on_fewer_ranks(runs, tmp_path):
     assert records[9]["loss"] < math.log(10) - 0.01
     assert records[9]["loss"] == pytest.approx(metrics(runs["resumed"])[8]["loss"], abs=0.05)
     assert "restarts at epoch" in result.stdout + result.stderr  # the data stream says what it did
+    assert "holds no EMA" not in result.stdout + result.stderr
+    # the EMA carried over: at decay 0.9 it is still close to the weights, not a fresh start
+    ema = metrics(work, validation=True)[10]
+    assert ema["val_ema/loss"] == pytest.approx(ema["val/loss"], abs=0.1) and ema["val_ema/loss"] < math.log(10) - 0.1
 
 
 def copy_checkpoint(run_dir: Path, step: int, new_run_dir: Path) -> Path:

@@ -1,5 +1,6 @@
-"""A real ``mlflow server`` on loopback: a 2-rank training run logs to it; the server is killed
-mid-run and started again; training never stops, and the run ends up with every step."""
+"""A real ``mlflow server`` on loopback: a 2-rank training run (validated every 40 steps, with
+an EMA) logs to it under a pipeline's parent run; the server is killed mid-run and started again;
+training never stops, and the run ends up with every step and every validation."""
 
 import os
 import signal
@@ -61,7 +62,7 @@ def test_training_survives_the_server_going_away_and_catches_up(digits_shards, t
     uri = f"http://127.0.0.1:{port}"
     server = start_server(port, store)
     args = train_args(digits_shards, tmp_path, "tracked", "train.total_steps=120", f"run.tracking_uri={uri}",
-                      "run.pipeline=system-test")
+                      "run.pipeline=system-test", "train.eval_every=40", "train.ema_decay=0.99")
     training = subprocess.Popen(deepspeed_cmd("launch/train.py", 2, *args), cwd=ROOT, env=launch_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -85,6 +86,8 @@ def test_training_survives_the_server_going_away_and_catches_up(digits_shards, t
         assert run.data.params["deepspeed.zero_stage"] == "2"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert steps == list(range(1, 121)), "metrics logged while the server was down were caught up"
+        for key in ("val/top1", "val/top5", "val/loss", "val/time_s", "val_ema/top1", "val_ema/loss"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [40, 80, 120], key
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "deepspeed.json"}
         assert "MLflow at" in output and "training goes on" in output
     finally:

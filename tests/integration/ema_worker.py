@@ -1,0 +1,100 @@
+"""Run by test_ema.py on 2 ranks through the deepspeed launcher: for ZeRO-1, 2 and 3 in turn,
+train a few steps with train.ema_decay and keep, beside the trainer, a reference EMA of the whole
+fp32 weights gathered from every rank after each step. Rank 0 writes what it found to OUT/STAGE.json.
+
+    deepspeed --num_gpus 2 tests/integration/ema_worker.py SHARDS OUT
+"""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.train.distributed import discover, init_process_group  # noqa: E402
+
+STEPS, DECAY = 5, 0.8
+
+
+def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from pipeline.config import load_config
+    from pipeline.train.ema import decay_at, read_ema_state
+    from pipeline.train.metrics import Meter
+    from pipeline.train.trainer import Trainer
+
+    config = load_config(ROOT / "configs/demo/pretrain.yaml", [
+        f"run.output_dir={out}", f"run.name=zero{stage}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+        "run.system_metrics_interval=null", f"data.train_shards={shards}/train.json",
+        f"data.eval_shards={shards}/val.json", "data.num_workers=0", "data.shuffle_buffer=50",
+        "train.global_batch_size=32", "train.micro_batch_size=8", f"train.total_steps={STEPS}",
+        f"deepspeed.zero_stage={stage}", f"train.ema_decay={DECAY}", "train.eval_every=100",
+        "deepspeed.stage3_param_persistence_threshold=200",  # some ZeRO-3 parameters stay gathered
+    ], world_size=env.world_size)
+    trainer = Trainer(config, env)
+    params = dict(trainer.engine.module.named_parameters())
+    reference = {name: safe_get_full_fp32_param(p).clone() for name, p in params.items()}
+    batches, meter = iter(trainer.loader), Meter()
+    for step in range(1, STEPS + 1):
+        trainer.train_step(batches, meter)
+        for name, p in params.items():  # collective: the full fp32 weights on every rank
+            reference[name].lerp_(safe_get_full_fp32_param(p), 1.0 - decay_at(step, DECAY, True))
+    trainer.settle()
+
+    def module_weights() -> dict:
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+            return {name: p.detach().clone() for name, p in params.items()}
+
+    before = module_weights()
+    with trainer.ema.swapped_in():
+        swapped = module_weights()
+    after = module_weights()
+    record = trainer.validate(meter)
+    ema_dir = out / f"ema{stage}"
+    trainer.ema.save(ema_dir, STEPS)
+    current = {name: safe_get_full_fp32_param(p).cpu() for name, p in params.items()}  # collective
+    dist.barrier()
+    result = {"stage": stage}
+    if env.is_main:
+        saved = {name: entry.contiguous() for name, entry in read_ema_state(ema_dir).items()}
+        result["names_equal"] = sorted(saved) == sorted(reference)
+        result["ema_max_diff"] = max((saved[n] - reference[n]).abs().max().item() for n in reference)
+        result["ema_moved"] = max((reference[n] - current[n]).abs().max().item() for n in reference)
+        result["swapped_max_diff"] = max((swapped[n].float() - reference[n].to(swapped[n].dtype).float()).abs().max().item()
+                                         for n in reference)
+        result["restored_exactly"] = all(torch.equal(before[n], after[n]) for n in before)
+        result["validation"] = record
+    # A resumed EMA is the saved one: a fresh EMA loads it from the files of both ranks.
+    fresh = type(trainer.ema)(trainer.engine, DECAY)
+    fresh.load(ema_dir)
+    result_ok = all(torch.equal(a, b) for a, b in zip(fresh.shadow, trainer.ema.shadow))
+    flags = torch.tensor([float(result_ok)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    result["reload_exact"] = bool(flags.item())
+    trainer.close()
+    return result
+
+
+def main() -> int:
+    shards, out = Path(sys.argv[-2]), Path(sys.argv[-1])
+    env = discover()
+    init_process_group()
+    import torch.distributed as dist
+
+    try:
+        for stage in (1, 2, 3):
+            result = check_stage(stage, shards, out, env)
+            if env.is_main:
+                (out / f"zero{stage}.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
