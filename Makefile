@@ -28,9 +28,9 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 	@rm -rf runs/demo
 	$(PY) launch/make_shards.py --source digits --out data/digits --val-fraction 0.2 --max-count 200 --quiet
 	@export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 VIT_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) && set -e && \
-	echo "== 1/3 pretrain: tiny ViT at 8 px, ZeRO-2, bf16, activation checkpointing ($$VIT_PIPELINE_ID)" && \
+	echo "== 1/3 pretrain: tiny ViT at 8 px, ZeRO-2, bf16, activation checkpointing, EMA, validated every 100 steps ($$VIT_PIPELINE_ID)" && \
 	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/pretrain.yaml && \
-	echo "== 2/3 fine-tune at 16 px (pos_embed 4x4 -> 8x8), ZeRO-3" && \
+	echo "== 2/3 fine-tune at 16 px (pos_embed 4x4 -> 8x8), ZeRO-3, validated every 50 steps" && \
 	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/finetune.yaml && \
 	echo "== 3/3 evaluate on the held-out digits" && \
 	$(DEEPSPEED) --num_gpus 2 launch/evaluate.py --config configs/demo/evaluate.yaml
