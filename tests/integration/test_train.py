@@ -87,9 +87,9 @@ def test_resume_on_fewer_ranks(runs, tmp_path):
     assert records[9]["loss"] == pytest.approx(metrics(runs["resumed"])[8]["loss"], abs=0.05)
     assert "restarts at epoch" in result.stdout + result.stderr  # the data stream says what it did
     assert "holds no EMA" not in result.stdout + result.stderr
-    # the EMA carried over: at decay 0.9 it is still close to the weights, not a fresh start
+    # the EMA carried over (re-sliced from 2 ranks' files) and lags the weights a little
     ema = metrics(work, validation=True)[10]
-    assert ema["val_ema/loss"] == pytest.approx(ema["val/loss"], abs=0.1) and ema["val_ema/loss"] < math.log(10) - 0.1
+    assert ema["val_ema/loss"] == pytest.approx(ema["val/loss"], abs=0.1) and ema["val_ema/loss"] != ema["val/loss"]
 
 
 def copy_checkpoint(run_dir: Path, step: int, new_run_dir: Path) -> Path:
