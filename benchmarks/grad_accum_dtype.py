@@ -36,7 +36,7 @@ def train(shards: Path, out: Path, name: str, steps: int, *overrides: str) -> Pa
            f"data.train_shards={shards}/train.json", "data.num_workers=1", "model.drop_path_rate=0.0",
            "train.global_batch_size=64", "train.micro_batch_size=4",  # 64 = 4 x 2 ranks x 8 micro-steps
            f"train.total_steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=10",
-           "optim.warmup_steps=0", *overrides]
+           "optim.warmup_steps=0", "train.eval_every=null", "train.ema_decay=null", *overrides]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode:

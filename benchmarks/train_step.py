@@ -83,6 +83,7 @@ def trainer_config(work: Path, name: str, *, variant: str, image_size: int, micr
         f"deepspeed.activation_checkpointing={checkpointing}", f"train.global_batch_size={micro * world}",
         f"train.micro_batch_size={micro}", "train.total_steps=1000000", "train.log_every=1000000",
         "train.checkpoint_every=1000000", "train.resume=never", "optim.warmup_steps=0", f"optim.lr={lr}",
+        "train.eval_every=null", "train.ema_decay=null",  # the step alone: the demo config validates, with an EMA
     ])
 
 
