@@ -349,15 +349,20 @@ class Trainer:
         """Top-1, top-5 and loss over the evaluation stream, of the weights and of their EMA, as
         ``val/*`` and ``val_ema/*`` (a metrics line and MLflow, at this step). Every rank runs
         the stream's batches; the time it takes (``val/time_s``) is kept out of the training
-        window's images/s, and the RNG is left as it was, so training goes on as without it."""
+        window's images/s, and the RNG is left as it was, so training goes on as without it.
+        Compiled blocks run eagerly here: eval mode and no_grad would recompile them (eating into
+        dynamo's recompile limit, after which training too runs eagerly), and under ZeRO-3 ranks
+        could leave the compiled path at different calls, with different collectives (a hang
+        seen in gpu-check's chain)."""
         start, rng = time.perf_counter(), rng_state()
         record: dict = {"step": self.step}
         self.engine.eval()
         try:
-            record.update(self._validate("val"))
-            if self.ema is not None:
-                with self.ema.swapped_in():
-                    record.update(self._validate("val_ema"))
+            with torch.compiler.set_stance("force_eager"):
+                record.update(self._validate("val"))
+                if self.ema is not None:
+                    with self.ema.swapped_in():
+                        record.update(self._validate("val_ema"))
         finally:
             self.engine.train()
             set_rng_state(rng)
