@@ -327,7 +327,8 @@ class Trainer:
                         record = self.validate(meter)
                         postfix["val_top1"] = f"{record['val/top1']:.4f}"
                         bar.set_postfix(postfix)
-                    except Preempted:
+                    except Preempted as e:
+                        log.warning("validation at step %d stopped: %s", self.step, e)
                         stop = True  # every rank left the validation at the same batch
                         if not save:
                             self.settle()

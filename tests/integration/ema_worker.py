@@ -80,6 +80,43 @@ def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
     return result
 
 
+def check_preemption_in_validation(shards: Path, out: Path, env) -> dict:
+    """ZeRO-3: SIGUSR1 reaches rank 1 as the EMA validation at step 2 starts. Every rank leaves
+    the validation at the same batch, the step is saved (it was no checkpoint step) and train()
+    returns the requeue status."""
+    import signal
+
+    from pipeline.config import load_config
+    from pipeline.train import signals
+    from pipeline.train.checkpoint import COMPLETE
+    from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
+
+    config = load_config(ROOT / "configs/demo/pretrain.yaml", [
+        f"run.output_dir={out}", "run.name=preempted", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+        "run.system_metrics_interval=null", f"data.train_shards={shards}/train.json",
+        f"data.eval_shards={shards}/val.json", "data.num_workers=0", "data.shuffle_buffer=50",
+        "train.global_batch_size=32", "train.micro_batch_size=8", "train.total_steps=6", "train.eval_every=2",
+        "train.checkpoint_every=100", "deepspeed.zero_stage=3", f"train.ema_decay={DECAY}",
+    ], world_size=env.world_size)
+    trainer = Trainer(config, env)
+    validate = trainer._validate
+
+    def validate_with_a_signal(prefix: str) -> dict:
+        if prefix == "val_ema" and env.rank == 1:
+            signal.raise_signal(signal.SIGUSR1)
+        return validate(prefix)
+
+    trainer._validate = validate_with_a_signal
+    try:
+        code = trainer.train()
+    finally:
+        trainer.close("KILLED")
+        signals._received = None
+    checkpoint = out / "preempted/checkpoints/step00000002"
+    return {"exit": code, "expected_exit": EXIT_PREEMPTED, "step": trainer.step,
+            "saved": (checkpoint / COMPLETE).is_file() and (checkpoint / "ema").is_dir()}
+
+
 def main() -> int:
     shards, out = Path(sys.argv[-2]), Path(sys.argv[-1])
     env = discover()
@@ -91,6 +128,8 @@ def main() -> int:
             result = check_stage(stage, shards, out, env)
             if env.is_main:
                 (out / f"zero{stage}.json").write_text(json.dumps(result))
+        result = check_preemption_in_validation(shards, out, env)
+        (out / f"preempted{env.rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
     return 0

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.integration
 def results(digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("ema")
     run_deepspeed("tests/integration/ema_worker.py", 2, str(digits_shards), str(out))
-    return {stage: json.loads((out / f"zero{stage}.json").read_text()) for stage in (1, 2, 3)}
+    found = {stage: json.loads((out / f"zero{stage}.json").read_text()) for stage in (1, 2, 3)}
+    found["preempted"] = [json.loads((out / f"preempted{rank}.json").read_text()) for rank in (0, 1)]
+    return found
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -38,3 +40,9 @@ def test_ema_is_evaluated_in_place_and_the_weights_come_back(results, stage):
         assert 0.0 <= record[f"{prefix}/top1"] <= record[f"{prefix}/top5"] <= 1.0
         assert record[f"{prefix}/loss"] > 0
     assert record["val/loss"] != record["val_ema/loss"]  # two sets of weights were evaluated
+
+
+def test_a_signal_during_validation_saves_the_step_and_asks_for_a_requeue(results):
+    for rank, found in enumerate(results["preempted"]):
+        assert found["exit"] == found["expected_exit"] and found["step"] == 2, (rank, found)
+        assert found["saved"], rank  # step 2 was no checkpoint step: saved because of the signal
