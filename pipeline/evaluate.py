@@ -69,6 +69,12 @@ class Tally:
         for tensor in tensors:
             dist.all_reduce(tensor)
 
+    def check_complete(self, num_samples: int) -> None:
+        """After :meth:`all_reduce`: every sample of the shards was evaluated or skipped, once."""
+        evaluated, skipped = int(self.sums[3].item()), int(self.skipped.item())
+        if evaluated + skipped != num_samples:
+            raise RuntimeError(f"evaluated {evaluated} + skipped {skipped} samples, but the shards hold {num_samples}")
+
     def summary(self) -> dict:
         loss, top1, top5, count = self.sums.tolist()
         count = max(count, 1)
@@ -160,12 +166,10 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
     run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), dtype, zero3=zero3, show=env.is_main)
     elapsed = time.perf_counter() - start
     tally.all_reduce()
+    tally.check_complete(stream.num_samples)
     report = tally.report(classes)
     report.update(images_per_s=report["num_samples"] / elapsed, checkpoint=str(source), ema=c.eval.use_ema,
                   image_size=c.model.image_size, world_size=env.world_size)
-    if report["num_samples"] + report["skipped"] != stream.num_samples:
-        raise RuntimeError(f"evaluated {report['num_samples']} + skipped {report['skipped']} samples, "
-                           f"but the shards hold {stream.num_samples}")
     if env.is_main:
         write_report(config, report, tally, classes)
     return report

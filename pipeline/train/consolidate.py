@@ -61,9 +61,10 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool
         if Path(source).suffix == ".safetensors":
             raise ValueError(f"'{source}' is a weights file, which holds one set of weights: EMA weights come "
                              f"from a training checkpoint (exported EMA weights load as they are, without use_ema)")
-        state = consolidated_state_dict(source, lazy=True)
-        state.update(read_ema_state(checkpoint_dir(source)))
-        log.info("taking the EMA weights of %s", checkpoint_dir(source))
+        checkpoint = checkpoint_dir(source)
+        state = consolidated_state_dict(checkpoint, lazy=True)
+        state.update(read_ema_state(checkpoint))
+        log.info("taking the EMA weights of %s", checkpoint)
         return state if lazy else {k: v.contiguous().float() for k, v in state.items()}
     if Path(source).suffix == ".safetensors":
         if not lazy:

@@ -70,7 +70,7 @@ class ShardedEma:
     """The EMA of the trainable parameters of ``engine.module``, as this rank's fragments."""
 
     def __init__(self, engine, decay: float, warmup: bool = True):
-        self.engine, self.decay, self.warmup = engine, decay, warmup
+        self.decay, self.warmup = decay, warmup
         self.zero3 = engine.zero_optimization_stage() == 3
         self.params: dict[str, torch.nn.Parameter] = {}
         self.starts: dict[str, int] = {}
@@ -82,16 +82,16 @@ class ShardedEma:
             found = local_fragment(param)
             if found is not None:
                 self.starts[name] = found[0]
-                masters.append(found[1])
+                masters.append(found[1].detach())  # a view: the optimizer's updates show through
         self.names = list(self.starts)
         self.masters = masters
-        self.shadow = [m.detach().clone() for m in masters]
+        self.shadow = [m.clone() for m in masters]
 
     def update(self, step: int) -> None:
         """After optimizer step ``step``: shadow <- shadow + (1 - decay) * (fp32 weights - shadow)."""
         weight = 1.0 - decay_at(step, self.decay, self.warmup)
         if self.shadow:
-            torch._foreach_lerp_(self.shadow, [m.detach() for m in self.masters], weight)
+            torch._foreach_lerp_(self.shadow, self.masters, weight)
 
     # -- evaluating the EMA in place ----------------------------------------------------------
 
@@ -168,24 +168,9 @@ class ShardedEma:
                     for name, shadow in zip(self.names, self.shadow):
                         shadow.copy_(f.get_tensor(name))
                     return
-        files = sorted((Path(checkpoint) / EMA_DIR).glob("rank*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"checkpoint {checkpoint} holds no EMA ({EMA_DIR}/): its run did not set "
-                                    f"train.ema_decay, so the EMA cannot be resumed")
-        filled = {name: 0 for name in self.names}
-        wanted = {name: (self.starts[name], shadow) for name, shadow in zip(self.names, self.shadow)}
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for name, (start, _shape) in json.loads(f.metadata()["layout"]).items():
-                    if name not in wanted:
-                        continue
-                    mine, shadow = wanted[name]
-                    stored = f.get_slice(name)
-                    lo, hi = max(start, mine), min(start + stored.get_shape()[0], mine + shadow.numel())
-                    if lo < hi:
-                        shadow[lo - mine:hi - mine].copy_(stored[lo - start:hi - start])
-                        filled[name] += hi - lo
-        missing = [n for n, t in zip(self.names, self.shadow) if filled[n] != t.numel()]
+        entries = read_ema_state(checkpoint)  # another layout: each fragment from the files that hold it
+        missing = [n for n, t in zip(self.names, self.shadow)
+                   if n not in entries or entries[n].read_into(t, self.starts[n]) != t.numel()]
         if missing:
             raise ValueError(f"checkpoint {checkpoint}: its EMA lacks parameters of this model: {missing[:5]}")
 
@@ -208,16 +193,23 @@ class _EmaEntry:
 
     def __init__(self, key: str, shape: list[int]):
         self.key, self.shape = key, torch.Size(shape)
-        self.pieces: list[tuple[Path, int]] = []  # (rank file, start in the flattened tensor)
+        self.pieces: list[tuple[Path, int, int]] = []  # (rank file, start in the flattened tensor, length)
+
+    def read_into(self, out: torch.Tensor, start: int) -> int:
+        """Copy what the files hold of the flattened tensor's ``[start, start + len(out))`` into
+        ``out``, opening only the files that overlap it; returns how many values were found."""
+        filled = 0
+        for path, first, length in self.pieces:
+            lo, hi = max(first, start), min(first + length, start + out.numel())
+            if lo < hi:
+                with safe_open(str(path), framework="pt") as f:
+                    out[lo - start:hi - start].copy_(f.get_slice(self.key)[lo - first:hi - first])
+                filled += hi - lo
+        return filled
 
     def contiguous(self) -> torch.Tensor:
         out = torch.empty(self.shape.numel(), dtype=torch.float32)
-        filled = 0
-        for path, start in self.pieces:
-            with safe_open(str(path), framework="pt") as f:
-                piece = f.get_tensor(self.key)
-            out[start:start + piece.numel()] = piece
-            filled += piece.numel()
+        filled = self.read_into(out, 0)
         if filled != out.numel():
             raise ValueError(f"the EMA of {self.key} covers {filled} of its {out.numel()} values")
         return out.view(self.shape)
@@ -233,5 +225,6 @@ def read_ema_state(checkpoint: Path) -> dict[str, _EmaEntry]:
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for name, (start, shape) in json.loads(f.metadata()["layout"]).items():
-                entries.setdefault(name, _EmaEntry(name, shape)).pieces.append((path, start))
+                length = f.get_slice(name).get_shape()[0]
+                entries.setdefault(name, _EmaEntry(name, shape)).pieces.append((path, start, length))
     return entries

@@ -379,9 +379,7 @@ class Trainer:
         run_eval(self.engine, self.eval_stream, tally, self.normalize, self.dtype, show=self.is_main, desc=prefix,
                  zero3=self.config.deepspeed.zero_stage == 3)
         tally.all_reduce(summary=True)
-        counted = int(tally.sums[3].item() + tally.skipped.item())
-        if counted != self.eval_stream.num_samples:
-            raise RuntimeError(f"validation saw {counted} samples, the evaluation shards hold {self.eval_stream.num_samples}")
+        tally.check_complete(self.eval_stream.num_samples)
         return {f"{prefix}/{k}": v for k, v in tally.summary().items()}
 
     def log_window(self, meter: Meter) -> dict:

@@ -17,25 +17,31 @@ from pipeline.train.distributed import discover, init_process_group  # noqa: E40
 STEPS, DECAY = 5, 0.8
 
 
+def demo_config(shards: Path, out: Path, env, name: str, *overrides: str):
+    """The demo pretraining config, small: batch 32 in micro-batches of 8, an EMA of DECAY."""
+    from pipeline.config import load_config
+
+    return load_config(ROOT / "configs/demo/pretrain.yaml", [
+        f"run.output_dir={out}", f"run.name={name}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
+        "run.system_metrics_interval=null", f"data.train_shards={shards}/train.json",
+        f"data.eval_shards={shards}/val.json", "data.num_workers=0", "data.shuffle_buffer=50",
+        "train.global_batch_size=32", "train.micro_batch_size=8", f"train.ema_decay={DECAY}", *overrides,
+    ], world_size=env.world_size)
+
+
 def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from pipeline.config import load_config
     from pipeline.train.ema import decay_at, read_ema_state
     from pipeline.train.metrics import Meter
     from pipeline.train.trainer import Trainer
 
-    config = load_config(ROOT / "configs/demo/pretrain.yaml", [
-        f"run.output_dir={out}", f"run.name=zero{stage}", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
-        "run.system_metrics_interval=null", f"data.train_shards={shards}/train.json",
-        f"data.eval_shards={shards}/val.json", "data.num_workers=0", "data.shuffle_buffer=50",
-        "train.global_batch_size=32", "train.micro_batch_size=8", f"train.total_steps={STEPS}",
-        f"deepspeed.zero_stage={stage}", f"train.ema_decay={DECAY}", "train.eval_every=100",
-        "deepspeed.stage3_param_persistence_threshold=200",  # some ZeRO-3 parameters stay gathered
-    ], world_size=env.world_size)
+    config = demo_config(shards, out, env, f"zero{stage}", f"train.total_steps={STEPS}", f"deepspeed.zero_stage={stage}",
+                         "train.eval_every=100",
+                         "deepspeed.stage3_param_persistence_threshold=200")  # some ZeRO-3 parameters stay gathered
     trainer = Trainer(config, env)
     params = dict(trainer.engine.module.named_parameters())
     reference = {name: safe_get_full_fp32_param(p).clone() for name, p in params.items()}
@@ -86,18 +92,12 @@ def check_preemption_in_validation(shards: Path, out: Path, env) -> dict:
     returns the requeue status."""
     import signal
 
-    from pipeline.config import load_config
     from pipeline.train import signals
     from pipeline.train.checkpoint import COMPLETE
     from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
 
-    config = load_config(ROOT / "configs/demo/pretrain.yaml", [
-        f"run.output_dir={out}", "run.name=preempted", f"run.tracking_uri=sqlite:///{out}/mlflow.db",
-        "run.system_metrics_interval=null", f"data.train_shards={shards}/train.json",
-        f"data.eval_shards={shards}/val.json", "data.num_workers=0", "data.shuffle_buffer=50",
-        "train.global_batch_size=32", "train.micro_batch_size=8", "train.total_steps=6", "train.eval_every=2",
-        "train.checkpoint_every=100", "deepspeed.zero_stage=3", f"train.ema_decay={DECAY}",
-    ], world_size=env.world_size)
+    config = demo_config(shards, out, env, "preempted", "train.total_steps=6", "train.eval_every=2",
+                         "train.checkpoint_every=100", "deepspeed.zero_stage=3")
     trainer = Trainer(config, env)
     validate = trainer._validate
 
