@@ -157,7 +157,7 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import resized_crop
 
-    from pipeline.data.transforms import crop_resize, dct_reduction, open_image, pil_to_uint8, sample_crop_box
+    from pipeline.data.transforms import Encoded, crop_resize, dct_reduction, open_image, pil_to_uint8, sample_crop_box
 
     width, height = size
     rng = random.Random(0)
@@ -200,7 +200,7 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
         "pil_draft": ("PIL draft (1/2,1/4,1/8) + PIL resize", pil_draft),
         "torchvision": ("torchvision full decode + torch resize", torchvision_full),
         "simplejpeg": ("simplejpeg 1/2,1/4,1/8 + torch resize (ours)",
-                       lambda d, b: crop_resize(open_image(d), b, 224, True, d)),
+                       lambda d, b: crop_resize(Encoded.read(d), b, 224)),
         "simplejpeg_fast": ("simplejpeg same, fastdct+fastupsample",
                             lambda d, b: scaled(d, b, fastdct=True, fastupsample=True, **power_of_two(b))),
         "simplejpeg_pil_resize": ("simplejpeg same + PIL resize", simplejpeg_pil_resize),
@@ -216,7 +216,7 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
             rates[key].append(len(boxes) / (time.perf_counter() - start))
     rows = []
     for key, (name, fn) in candidates.items():
-        diffs = [(fn(images[i % len(images)], box).int() - crop_resize(open_image(images[i % len(images)]), box, 224,
+        diffs = [(fn(images[i % len(images)], box).int() - crop_resize(Encoded.read(images[i % len(images)]), box, 224,
                                                                           fast=False).int()).abs().float().mean().item()
                  for i, box in enumerate(boxes[:30])]
         rows.append((key, name, statistics.median(rates[key]), statistics.mean(diffs)))

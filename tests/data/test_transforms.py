@@ -9,7 +9,7 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop, v2
 
 from pipeline.data.transforms import (
-    EvalTransform, TrainTransform, baseline_train_transform, batch_mixer, crop_resize, decode_rgb, Normalize,
+    Encoded, EvalTransform, TrainTransform, baseline_train_transform, batch_mixer, crop_resize, decode_rgb, Normalize,
     open_image, sample_crop_box, to_rgb,
 )
 
@@ -74,6 +74,34 @@ def test_exif_orientation_is_applied():
     assert out.shape == (3, 8, 8) and out[0, 0].float().mean() > 200 and out[0, -1].float().mean() < 60
 
 
+def test_header_reader_leaves_only_upright_plain_jpegs_to_libjpeg_turbo():
+    """Encoded.read skips PIL for a JPEG with no EXIF or XMP block; every other sample is opened by
+    PIL, so EXIF and XMP orientations are applied; both give the same pixels where both apply."""
+    array = make_image(np.random.default_rng(0), 20, 40)
+    rotate, upright = Image.Exif(), Image.Exif()
+    rotate[0x0112], upright[0x0112] = 6, 1
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">' \
+          b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    image = Image.fromarray(array)
+    cases = {  # name: (bytes, read by libjpeg-turbo alone, decoded by it, displayed size)
+        "plain": (encode(image, "JPEG"), True, True, (40, 20)),
+        "gray": (encode(image.convert("L"), "JPEG"), True, True, (40, 20)),
+        "exif-upright": (encode(image, "JPEG", exif=upright.tobytes()), False, True, (40, 20)),
+        "exif-rotated": (encode(image, "JPEG", exif=rotate.tobytes()), False, False, (20, 40)),
+        "xmp-rotated": (encode(image, "JPEG", xmp=xmp), False, False, (20, 40)),
+        "cmyk": (encode(image.convert("CMYK"), "JPEG"), False, False, (40, 20)),
+        "png": (encode(image, "PNG"), False, False, (40, 20)),
+    }
+    for name, (data, header_only, jpeg, size) in cases.items():
+        source = Encoded.read(data)
+        assert ((source.image is None), source.jpeg, source.size) == (header_only, jpeg, size), name
+        assert source.pil().size == size, name
+    plain, with_exif = (TrainTransform(16)(cases[name][0], random.Random(3)) for name in ("plain", "exif-upright"))
+    torch.testing.assert_close(plain, with_exif, rtol=0, atol=0)
+    with pytest.raises(OSError):  # a truncated JPEG's header reads; PIL then refuses the pixels
+        TrainTransform(16)(cases["plain"][0][:200], random.Random(0))
+
+
 def test_crop_box_distribution_is_random_resized_crops():
     width, height, n = 500, 375, 4000
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
@@ -103,8 +131,8 @@ def test_fast_path_matches_exact_crop_of_the_same_box(width, height):
     rng = random.Random(1)
     for _ in range(20):
         box = sample_crop_box(width, height, (0.08, 1.0), (3 / 4, 4 / 3), rng)
-        fast = crop_resize(open_image(data), box, 224, fast=True, data=data).to(torch.int16)
-        exact = crop_resize(open_image(data), box, 224, fast=False).to(torch.int16)
+        fast = crop_resize(Encoded.read(data), box, 224, fast=True).to(torch.int16)
+        exact = crop_resize(Encoded.read(data), box, 224, fast=False).to(torch.int16)
         assert fast.shape == exact.shape == (3, 224, 224)
         assert (fast - exact).abs().float().mean() < 2.0, box
 
