@@ -31,7 +31,7 @@ class Assumptions:
     inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
     comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
     decode_images_per_s_per_core: float = 1150.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
-    gpu_decode_worker_images_per_s_per_core: float = 36000.0  # data.decode=gpu: the worker's header parse only
+    gpu_decode_worker_images_per_s_per_core: float = 90000.0  # data.decode=gpu: the worker's header parse only (RESULTS.md)
     flash_attention: bool = True
     sample_kb: float = 110.0  # a sample in the shards (ImageNet JPEG); the dry run reads it from the manifest
     worker_gb: float = 0.25  # one DataLoader worker's own memory (PSS) besides its buffers, measured on CPU
