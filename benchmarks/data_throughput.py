@@ -4,9 +4,10 @@
 Input: 7 real photos from scikit-image at 500x375 (ImageNet-like) and 1600x1200 (web originals),
 JPEG q=90, written into WebDataset shards. Measures images/s in one process with one thread (what
 one DataLoader worker gets), alternating the paths round by round (with data.decode=gpu's share
-of the worker: header, box and flip), then the end-to-end training loader with 1 and 2 workers;
-on CUDA, DeviceDecoder's images/s per GPU; then the time to a worker's first batch when it
-resumes at 90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`,
+of the worker: header, box and flip); a worker's other work per image (tar read, sample RNG,
+batch stacking, the batch's move to shared memory); the end-to-end training loader with 1 and 2
+workers; on CUDA, DeviceDecoder's images/s per GPU; then the time to a worker's first batch when
+it resumes at 90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`,
 target <= 2.0). Prints a table, then one JSON line.
 
     python benchmarks/data_throughput.py            # needs the bench extra: pip install -e '.[bench]'
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
@@ -33,7 +35,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.data import TrainLoader, TrainStream, TrainTransform, resolve_shards  # noqa: E402
-from pipeline.data.transforms import DeviceTrainTransform, baseline_train_transform  # noqa: E402
+from pipeline.data.stream import _ShardErrors, read_shards, seed_of  # noqa: E402
+from pipeline.data.transforms import DeviceTrainTransform, baseline_train_transform, stack_images  # noqa: E402
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
 SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
@@ -84,6 +87,35 @@ def loader_rate(shard: Path, workers: int, seconds: float, batch_size: int = 64)
         next(batches)
         count += batch_size
     return count / (time.perf_counter() - start)
+
+
+def worker_overheads(shard: Path, rounds: int, batch_size: int = 64, batches: int = 8) -> dict[str, float]:
+    """Microseconds per image of a training worker's work besides the transform, in one process
+    (medians over ``rounds``): reading samples from the tar (webdataset), seeding each sample's
+    RNG, stacking a batch, and moving the batch into shared memory, which DataLoader's pickling
+    does to every batch a worker sends (a fresh segment each time)."""
+    count = batch_size * batches
+
+    def samples():
+        return itertools.islice(read_shards(((str(shard), 0) for _ in itertools.count()), {}, _ShardErrors()), count)
+
+    transform, rng = TrainTransform(224), random.Random(0)
+    images = [transform(sample["jpg"], rng) for sample in itertools.islice(samples(), batch_size)]
+    parts = {
+        "tar_read": lambda: list(samples()),
+        "sample_rng": lambda: [random.Random(seed_of(0, 0, 0, 0, i)) for i in range(count)],
+        "stack": lambda: [stack_images(images) for _ in range(batches)],
+        "stack_and_share": lambda: [stack_images(images)["images"].share_memory_() for _ in range(batches)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(rounds):
+        for name, fn in parts.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) / count * 1e6)
+    us = {name: statistics.median(values) for name, values in times.items()}
+    us["to_shared_memory"] = us.pop("stack_and_share") - us["stack"]
+    return us
 
 
 def time_to_first_batch(spec: str, samples: int, position: list[int] | None, batch_size: int = 64,
@@ -254,6 +286,8 @@ def main() -> None:
             figures[f"gpu_mode_cores_freed_per_1k_img_s_{label}"] = round(1000 / rates["fast"] - 1000 / rates["gpu_worker"], 2)
             shard = Path(tmp) / f"{label}.tar"
             write_shard(images, shard, copies=20)
+            overheads = worker_overheads(shard, args.rounds)
+            figures.update({f"worker_{name}_{label}_us": round(us, 1) for name, us in overheads.items()})
             for workers in (int(w) for w in args.workers.split(",")):
                 rate = loader_rate(shard, workers, args.loader_seconds)
                 figures[f"loader_{label}_{workers}w_img_s"] = round(rate, 1)
@@ -278,6 +312,10 @@ def main() -> None:
         print(f"{label:<10} {setting:<24} {path:<58} {rate:>9.1f}")
     print(f"speedup (fast / baseline): 500x375 {figures['speedup_500x375']:.2f}x, "
           f"1600x1200 {figures['speedup_1600x1200']:.2f}x  (targets: >= 2.0x, >= 3.0x)")
+    for label in SIZES:
+        print(f"a worker's work per image besides the transform ({label}): " + ", ".join(
+            f"{name.replace('_', ' ')} {figures[f'worker_{name}_{label}_us']:.0f} us"
+            for name in ("tar_read", "sample_rng", "stack", "to_shared_memory")))
     if "resume_deep_vs_start" in figures:
         print(f"time to a worker's first batch ({figures['resume_epoch_samples']:,}-sample epoch, buffer 5000): "
               f"fresh {figures['resume_start_s']:.2f} s, resumed at 90% {figures['resume_deep_s']:.2f} s "
