@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import webdataset as wds
@@ -60,20 +61,27 @@ def write_shard(images: list[bytes], path: Path, copies: int) -> None:
             sink.write({"__key__": f"img{i:05d}", "jpg": data, "cls": str(i % len(images)).encode()})
 
 
+def alternating(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds each run takes in each of ``rounds``, the runs alternating within a round (so a
+    drift in the machine's speed reaches them all alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def per_process_rates(images: list[bytes], rounds: int, passes: int) -> dict[str, float]:
     """Median images/s per path over ``rounds``, the paths alternating within each round."""
     baseline, fast, deferred = baseline_train_transform(224), TrainTransform(224), DeviceTrainTransform(224)
     rng = random.Random(0)
     paths = {"baseline": lambda data: baseline(data), "fast": lambda data: fast(data, rng),
              "gpu_worker": lambda data: deferred(data, rng)}
-    rates: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(rounds):
-        for name, fn in paths.items():
-            start = time.perf_counter()
-            for data in images * passes:
-                fn(data)
-            rates[name].append(len(images) * passes / (time.perf_counter() - start))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    times = alternating({name: lambda fn=fn: [fn(data) for data in images * passes] for name, fn in paths.items()},
+                        rounds)
+    return {name: statistics.median(len(images) * passes / t for t in values) for name, values in times.items()}
 
 
 def loader_rate(shard: Path, workers: int, seconds: float, batch_size: int = 64) -> float:
@@ -101,19 +109,13 @@ def worker_overheads(shard: Path, rounds: int, batch_size: int = 64, batches: in
 
     transform, rng = TrainTransform(224), random.Random(0)
     images = [transform(sample["jpg"], rng) for sample in itertools.islice(samples(), batch_size)]
-    parts = {
+    times = alternating({
         "tar_read": lambda: list(samples()),
         "sample_rng": lambda: [random.Random(seed_of(0, 0, 0, 0, i)) for i in range(count)],
         "stack": lambda: [stack_images(images) for _ in range(batches)],
         "stack_and_share": lambda: [stack_images(images)["images"].share_memory_() for _ in range(batches)],
-    }
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(rounds):
-        for name, fn in parts.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) / count * 1e6)
-    us = {name: statistics.median(values) for name, values in times.items()}
+    }, rounds)
+    us = {name: statistics.median(t / count * 1e6 for t in values) for name, values in times.items()}
     us["to_shared_memory"] = us.pop("stack_and_share") - us["stack"]
     return us
 
@@ -239,19 +241,14 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
         "simplejpeg_any_scale": ("simplejpeg any M/8 scale + torch resize", lambda d, b: scaled(
             d, b, min_height=math.ceil(height * 224 / min(b[2:])), min_width=math.ceil(width * 224 / min(b[2:])))),
     }
-    rates: dict[str, list[float]] = {key: [] for key in candidates}
-    for _ in range(rounds):
-        for key, (_, fn) in candidates.items():
-            start = time.perf_counter()
-            for i, box in enumerate(boxes):
-                fn(images[i % len(images)], box)
-            rates[key].append(len(boxes) / (time.perf_counter() - start))
+    times = alternating({key: lambda fn=fn: [fn(images[i % len(images)], box) for i, box in enumerate(boxes)]
+                         for key, (_, fn) in candidates.items()}, rounds)
     rows = []
     for key, (name, fn) in candidates.items():
         diffs = [(fn(images[i % len(images)], box).int() - crop_resize(Encoded.read(images[i % len(images)]), box, 224,
                                                                           fast=False).int()).abs().float().mean().item()
                  for i, box in enumerate(boxes[:30])]
-        rows.append((key, name, statistics.median(rates[key]), statistics.mean(diffs)))
+        rows.append((key, name, statistics.median(len(boxes) / t for t in times[key]), statistics.mean(diffs)))
     return rows
 
 
