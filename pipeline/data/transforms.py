@@ -4,10 +4,10 @@ The fast path chooses the crop box from the image header first (an upright JPEG'
 libjpeg-turbo, PIL's parser costs ~20 us); libjpeg-turbo (simplejpeg) then decodes a JPEG at the
 smallest DCT scale (1, 1/2, 1/4, 1/8) that still gives the target size across the box, and only
 the box is resampled (torch, bilinear, antialiased). The box distribution is exactly
-RandomResizedCrop's. With ``data.decode: gpu`` the workers leave JPEGs
-encoded and :class:`DeviceDecoder` finishes them on the device.
-Transforms take encoded bytes and a ``random.Random`` and return a uint8 tensor (3, S, S);
-normalisation happens on the device (:class:`Normalize`).
+RandomResizedCrop's. With ``data.decode: gpu`` the workers leave JPEGs encoded and
+:class:`DeviceDecoder` finishes them on the device. Transforms take encoded bytes and a
+``random.Random`` and return a uint8 tensor (3, S, S); normalisation happens on the device
+(:class:`Normalize`).
 """
 
 from __future__ import annotations
