@@ -60,7 +60,7 @@ def setup_distributed():
     if "RANK" not in os.environ:  # one rank, on a free port
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     env = discover()
-    init_process_group()
+    init_process_group(env)
     return env
 
 

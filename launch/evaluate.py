@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train import signals
     from pipeline.train.distributed import init_process_group
 
-    init_process_group()
+    init_process_group(env)
     try:
         report = evaluate(config, env, args.checkpoint)
         if env.is_main:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.distributed import init_process_group
     from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
 
-    init_process_group()
+    init_process_group(env)
     trainer, code, status = None, 1, "FAILED"
     try:
         trainer = Trainer(config, env)

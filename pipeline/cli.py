@@ -8,6 +8,7 @@ import sys
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.plan import GPUS
+from pipeline.tracking import tracking_unavailable, tracking_uri
 from pipeline.train import signals
 from pipeline.train.distributed import DistEnv, discover, set_cpu_threads
 
@@ -33,8 +34,8 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
 
 def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[DistEnv, Config | None]:
     """Catch preemption signals, discover the ranks, set up logging (INFO on rank 0), load the
-    config, fit the rank's threads to its cores. The config is None after a config error, which
-    has been printed."""
+    config, fit the rank's threads to its cores. The config is None after a config error, or
+    where MLflow is wanted but not installed, which has been printed."""
     signals.install()
     env = discover(args.local_rank)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
@@ -44,6 +45,11 @@ def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[Di
         config = load_config(args.config, args.overrides, world_size=env.world_size if check_world_size else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return env, None
+    problem = tracking_unavailable(tracking_uri(config.run.tracking_uri))
+    if problem:
+        if env.is_main:
+            print(f"error: {problem}", file=sys.stderr)
         return env, None
     set_cpu_threads(config.data.num_workers, warn=env.is_main)
     return env, config

@@ -34,7 +34,7 @@ class RunConfig(Section):
     output_dir: str = Field("runs", description="Parent directory of run directories (checkpoints, metrics, resolved config).")
     seed: int = Field(0, description="Global seed for model init, data order and augmentation.")
     experiment: str = Field("vit-pipeline", description="MLflow experiment name.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; none: no tracking (MLflow is not imported).")
     pipeline: str | None = Field(None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name. Where set (or $VIT_PIPELINE_ID), the stages' MLflow runs nest under one parent run.")
     system_metrics_interval: float | None = Field(10.0, gt=0.0, description="Seconds between MLflow system-metrics samples (CPU, memory, network, GPU), logged by one rank per node; null for off.")
 

@@ -24,7 +24,7 @@ from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, re
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model, export_checkpoint
-from pipeline.train.distributed import DistEnv, StepAgreement
+from pipeline.train.distributed import DistEnv, StepAgreement, rank_device
 
 log = logging.getLogger(__name__)
 ECE_BINS = 15
@@ -157,7 +157,7 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
     if not source:
         raise ValueError("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
     c, zero3 = config, config.deepspeed.zero_stage == 3
-    device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
+    device = rank_device(env)
     dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32
     model = eval_model(config, str(source), env, device, dtype)
     stream, classes = eval_stream(config, env)
@@ -186,7 +186,7 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker.log_params({**config.flat(), "eval.source": report["checkpoint"]})
     tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
     tracker.log_artifact(run_dir / "report.json")
-    if config.eval.log_model:
+    if config.eval.log_model and tracker.enabled:
         for path in model_files(report["checkpoint"], run_dir / "model", ema=report["ema"]):
             tracker.log_artifact(path, "model")
     if tally.confusion is not None:

@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -28,8 +29,20 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+TRACKING_OFF = "none"  # run.tracking_uri (or $MLFLOW_TRACKING_URI): no MLflow, not even imported
+
+
 def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def tracking_unavailable(uri: str) -> str | None:
+    """Why a stage cannot track to ``uri``, in one sentence; None where it can, or tracking is off.
+    Checked at start: a missing package would otherwise be retried by the tracker thread in vain."""
+    if uri == TRACKING_OFF or importlib.util.find_spec("mlflow") is not None:
+        return None
+    return (f"MLflow is not installed, and run.tracking_uri is {uri}: install it (pip install mlflow), or set "
+            f"run.tracking_uri={TRACKING_OFF} to run without tracking")
 
 
 def git_commit() -> str:
@@ -109,11 +122,11 @@ class Tracker:
 
     def __init__(self, *, uri: str, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None,
                  enabled: bool = True, max_backoff_s: float = 30.0, pipeline: str | None = None):
-        self.enabled = enabled
+        self.enabled = enabled and uri != TRACKING_OFF
         self.run_id = run_id
         self.parent_id: str | None = None
         self.undelivered = 0
-        if not enabled:
+        if not self.enabled:
             return
         self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
         self.pipeline = pipeline

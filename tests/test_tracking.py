@@ -107,3 +107,30 @@ def test_pipeline_stages_nest_under_one_parent_with_their_datasets(tmp_path):
     assert train.dataset.source == str(manifest) and len(train.dataset.digest) == 10
     assert [t.value for t in train.tags if t.key == "mlflow.data.context"] == ["training"]
     assert "pipe:cat x.tar" in inputs and not runs["ft"].inputs.dataset_inputs
+
+
+def test_mlflow_wanted_but_missing_is_one_error_line(tmp_path):
+    """A stage whose tracking URI needs MLflow, on a machine without it: one line, exit 2, at once
+    (before any model work; the tracker thread would otherwise retry the import for a minute)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    code = ("import runpy, sys; sys.modules['mlflow'] = None; "  # import mlflow now fails, as where it is missing
+            f"sys.argv = ['train.py', '--config', 'configs/demo/pretrain.yaml', 'run.output_dir={tmp_path}']; "
+            "runpy.run_path('launch/train.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": "sqlite:///x.db"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MLflow is not installed" in errors[0] and "run.tracking_uri=none" in errors[0], \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_tracking_off_never_starts_mlflow():
+    tracker = Tracker(uri="none", experiment="exp", run_name="r", tags={})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    assert not tracker.enabled and tracker.wait_started(timeout=60) is None
+    tracker.close()

@@ -82,22 +82,38 @@ def init_local_group(rank: int, world_size: int, port: int, timeout_s: float = 6
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def init_process_group() -> None:
-    """``deepspeed.init_distributed()``, then every rank removes the name of its DeepSpeed CPU
-    shared-memory all-reduce buffer (``/dev/shm/deepspeed_allreduce_buffer_*``, 66 MB a rank),
-    which DeepSpeed never unlinks: after the barrier every rank has mapped every buffer, so the
-    memory lives exactly as long as the processes instead of piling up in /dev/shm, one set per
-    run, until the node runs out of RAM. GPU runs create no such buffer."""
+def rank_device(env: DistEnv) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` on GPUs (DeepSpeed's accelerator), else the CPU."""
+    import deepspeed
+
+    return torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
+
+
+def init_process_group(env: DistEnv) -> torch.device:
+    """Make this rank's device current, then ``deepspeed.init_distributed()``; returns the device.
+    The device comes first, before any collective: NCCL stages ``all_gather_object``'s tensors on
+    the current device, and DeepSpeed binds its process group to ``LOCAL_RANK``'s device
+    (``device_id``, multi-rank CUDA jobs). Left to ``deepspeed.initialize``, every rank of a node
+    would meet in cuda:0 before step 1. Train, evaluation and the benchmarks all start here.
+
+    On the CPU, every rank then removes the name of its DeepSpeed shared-memory all-reduce buffer
+    (``/dev/shm/deepspeed_allreduce_buffer_*``, 66 MB a rank), which DeepSpeed never unlinks:
+    after the barrier every rank has mapped every buffer, so the memory lives exactly as long as
+    the processes instead of piling up in /dev/shm, one set per run, until the node runs out of
+    RAM."""
     import deepspeed
 
     import_before_process_group()
+    device = rank_device(env)
+    deepspeed.get_accelerator().set_device(env.local_rank)
     deepspeed.init_distributed()
-    if deepspeed.get_accelerator().device_name() != "cpu":
-        return
+    if device.type != "cpu":
+        return device
     name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
                                f"{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
     dist.barrier()
     name.unlink(missing_ok=True)
+    return device
 
 
 def rank_cores() -> int:

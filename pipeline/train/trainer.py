@@ -27,7 +27,7 @@ from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags,
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.consolidate import build_model
-from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements
+from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
 from pipeline.train.ds_config import build_deepspeed_config
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
@@ -100,7 +100,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
         self.ds_config = build_deepspeed_config(config, env.world_size)
-        self.device = torch.device(deepspeed.get_accelerator().device_name(env.local_rank))
+        self.device = rank_device(env)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
             torch.backends.cudnn.allow_tf32 = True

@@ -120,7 +120,7 @@ def check_preemption_in_validation(shards: Path, out: Path, env) -> dict:
 def main() -> int:
     shards, out = Path(sys.argv[-2]), Path(sys.argv[-1])
     env = discover()
-    init_process_group()
+    init_process_group(env)
     import torch.distributed as dist
 
     try:
