@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -74,12 +75,13 @@ def shards(work: Path) -> Path:
 
 
 def trainer_config(work: Path, name: str, *, variant: str, image_size: int, micro: int, world: int, zero: int,
-                   compile: bool, checkpointing: bool, num_classes: int = 1000, lr: float = 1e-4) -> Config:
+                   compile: bool, checkpointing: bool, num_classes: int = 1000, lr: float = 1e-4,
+                   drop_path: float = 0.0) -> Config:
     return load_config(ROOT / "configs/demo/pretrain.yaml", [
         f"run.output_dir={work}", f"run.name={name}", f"run.tracking_uri=sqlite:///{work}/mlflow.db",
         "run.experiment=benchmark-train-step", f"data.train_shards={shards(work)}", "data.num_workers=0",
         f"model.variant={variant}", f"model.image_size={image_size}", f"model.num_classes={num_classes}",
-        "model.drop_path_rate=0.0", f"model.compile={compile}", f"deepspeed.zero_stage={zero}",
+        f"model.drop_path_rate={drop_path}", f"model.compile={compile}", f"deepspeed.zero_stage={zero}",
         f"deepspeed.activation_checkpointing={checkpointing}", f"train.global_batch_size={micro * world}",
         f"train.micro_batch_size={micro}", "train.total_steps=1000000", "train.log_every=1000000",
         "train.checkpoint_every=1000000", "train.resume=never", "optim.warmup_steps=0", f"optim.lr={lr}",
@@ -106,12 +108,62 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class CompileWatch(logging.Handler):
+    """Dynamo's recompilations and recompile-limit fallbacks, per function of the model
+    (``pipeline/model``), read from its logs; installed by :func:`fresh_compiler`. Under ZeRO-3 a
+    block breaks into pieces at DeepSpeed's parameter hooks: each piece (``residuals`` and its
+    ``torch_dynamo_resume_in_residuals_*``) counts as a function of its own."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.recompiles: dict[str, int] = {}
+        self.fallbacks: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        found = re.search(r"Recompiling function (\S+) in (\S+)", text)
+        if found and "pipeline/model" in found.group(2):
+            self.recompiles[found.group(1)] = self.recompiles.get(found.group(1), 0) + 1
+        found = re.search(r"hit config\.recompile_limit.*?function: '([^']+)' \(([^)]+)\)", text, re.S)
+        if found and "pipeline/model" in found.group(2):
+            self.fallbacks[found.group(1)] = self.fallbacks.get(found.group(1), 0) + 1
+
+    def counts(self) -> dict:
+        """``block_graphs``: the most compiled versions of one piece of model code (at most 2 with
+        stochastic depth: with masks and without); ``block_fallbacks``: model code run eagerly
+        past the recompile limit; ``graphs``: every graph compiled, DeepSpeed's hooks included."""
+        from torch._dynamo.utils import counters
+
+        return {"block_graphs": 1 + max(self.recompiles.values(), default=0),
+                "block_fallbacks": sum(self.fallbacks.values()), "graphs": counters["stats"]["unique_graphs"]}
+
+
+WATCH = CompileWatch()
+
+
+def fresh_compiler() -> CompileWatch:
+    """Forget every compiled graph and dynamo's counters: each compiled case compiles its own
+    graphs and counts its own recompilations, instead of inheriting the earlier cases'."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    WATCH.recompiles.clear()
+    WATCH.fallbacks.clear()
+    if WATCH not in logging.getLogger("torch._dynamo").handlers:
+        torch._logging.set_logs(recompiles=True)
+        logging.getLogger("torch._dynamo").addHandler(WATCH)
+    return WATCH
+
+
 class TrainerCase:
     """A Trainer on in-memory batches; ``step()`` is one optimizer step."""
 
     def __init__(self, config: Config, env, data: list[dict]):
         from pipeline.train.trainer import Trainer  # imports deepspeed: after main() picks the accelerator
 
+        if config.model.compile:
+            fresh_compiler()
         self.trainer = Trainer(config, env)
         self.device = self.trainer.device
         self.data = itertools.cycle(data)
@@ -136,6 +188,8 @@ class BareCase:
     """The same model, AdamW and bf16 in plain torch: autocast, clipping, no DeepSpeed."""
 
     def __init__(self, config: Config, device: torch.device, data: list[dict]):
+        if config.model.compile:
+            fresh_compiler()
         torch.manual_seed(config.run.seed)
         self.model = vit_from_config(config.model).init_weights().to(device)
         if config.deepspeed.activation_checkpointing:
@@ -176,32 +230,38 @@ def time_steps(case, steps: int) -> float:
 
 def compare_compile(env, work: Path, steps: int, stages: list[int]) -> dict:
     """Eager and compiled losses over ``steps`` optimizer steps on the same batches, per ZeRO stage,
-    with activation checkpointing: the largest relative difference and whether it is within bf16."""
+    with activation checkpointing and stochastic depth (12 blocks, 12 rates: more than dynamo's
+    recompile limit of 8 if each rate compiled a graph): the largest relative difference, whether
+    it is within bf16, and the compiled case's graphs and eager fallbacks."""
     results = {}
     for zero in stages:
         losses = {}
         for compiled in (False, True):
-            config = trainer_config(work, f"compile-z{zero}-{compiled}", variant="pico/4", image_size=16, micro=8,
+            config = trainer_config(work, f"compile-z{zero}-{compiled}", variant="Ti/4", image_size=16, micro=8,
                                     world=env.world_size, zero=zero, compile=compiled, checkpointing=True,
-                                    num_classes=10, lr=3e-3)  # a loss that moves in 5 steps
+                                    num_classes=10, lr=1e-3, drop_path=0.1)  # a loss that moves in 5 steps
             case = TrainerCase(config, env, batches(config, steps, seed=1 + env.rank, device=torch.device("cpu")))
             meters = [case.step() for _ in range(steps)]
             losses[compiled] = [float(m.sums[0] / m.sums[2]) for m in meters]
+            counts = WATCH.counts() if compiled else {}
             case.close()
         worst = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(losses[False], losses[True]))
-        results[f"zero{zero}"] = {"eager": losses[False], "compiled": losses[True], "max_rel_diff": worst}
+        results[f"zero{zero}"] = {"eager": losses[False], "compiled": losses[True], "max_rel_diff": worst, **counts}
     return results
 
 
 def compile_matches(results: dict) -> bool:
-    return all(r["max_rel_diff"] <= BF16_RTOL for r in results.values())
+    return all(r["max_rel_diff"] <= BF16_RTOL and r["block_graphs"] <= 2 and not r["block_fallbacks"]
+               for r in results.values())
 
 
 def print_compile(results: dict) -> None:
     print(f"\neager vs compiled (model.compile), activation checkpointing on, bf16 tolerance {BF16_RTOL:.4f}")
-    print(f"{'stage':<6} {'eager losses':<44} {'max rel diff':>12}")
+    print(f"{'stage':<6} {'eager losses':<44} {'max rel diff':>12} {'block graphs':>12} {'block fallbacks':>15} "
+          f"{'graphs':>6}")
     for stage, r in results.items():
-        print(f"{stage:<6} {' '.join(f'{v:.4f}' for v in r['eager']):<44} {r['max_rel_diff']:>12.2e}")
+        print(f"{stage:<6} {' '.join(f'{v:.4f}' for v in r['eager']):<44} {r['max_rel_diff']:>12.2e} "
+              f"{r['block_graphs']:>12} {r['block_fallbacks']:>15} {r['graphs']:>6}")
 
 
 def cpu_benchmark(args, env, work: Path) -> dict:
@@ -328,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                 print_compile(results)
             figures = {"world_size": env.world_size, "compile_matches_eager": compile_matches(results),
                        "compile_max_rel_diff": {k: v["max_rel_diff"] for k, v in results.items()},
-                       "losses": {k: {"eager": v["eager"], "compiled": v["compiled"]} for k, v in results.items()}}
+                       "losses": {k: {"eager": v["eager"], "compiled": v["compiled"]} for k, v in results.items()},
+                       "compile_counts": {k: {n: v[n] for n in ("block_graphs", "block_fallbacks", "graphs")}
+                                          for k, v in results.items()}}
         elif args.device == "cpu":
             figures = cpu_benchmark(args, env, work)
         else:

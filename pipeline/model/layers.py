@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from torchvision.ops import stochastic_depth
 
 
 class PatchEmbed(nn.Module):
@@ -96,10 +95,21 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layer_scale_init) if layer_scale_init is not None else nn.Identity()
         self.drop_path = drop_path
 
-    def _residual(self, x: torch.Tensor) -> torch.Tensor:
-        # Stochastic depth drops the whole residual branch per sample.
-        return stochastic_depth(x, self.drop_path, "row", self.training) if self.drop_path else x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._residual(self.ls1(self.attn(self.norm1(x))))
-        return x + self._residual(self.ls2(self.mlp(self.norm2(x))))
+        # Stochastic depth drops a whole residual branch per sample (torchvision's stochastic_depth,
+        # "row" mode). Its keep masks are drawn here, outside :meth:`residuals` (the part
+        # ``VisionTransformer.compile_blocks`` compiles), so every block's rate reaches the graph
+        # as a tensor: as a float it would be a constant, one graph per block and past dynamo's
+        # recompile limit the rest eager. Blocks then share two graphs: with masks and without.
+        scales = None
+        if self.drop_path and self.training:
+            keep = 1.0 - self.drop_path
+            scales = x.new_empty(2, x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
+        return self.residuals(x, scales)
+
+    def residuals(self, x: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """Both residual branches; ``scales`` (2, b, 1, 1) weighs each sample's branches (drop path)."""
+        branch = self.ls1(self.attn(self.norm1(x)))
+        x = x + (branch if scales is None else branch * scales[0])
+        branch = self.ls2(self.mlp(self.norm2(x)))
+        return x + (branch if scales is None else branch * scales[1])

@@ -172,10 +172,12 @@ class VisionTransformer(nn.Module):
         self.grad_checkpointing_every = int(every_n_blocks)
 
     def compile_blocks(self, **options) -> None:
-        """``torch.compile`` each transformer block in place. The blocks share their code, so one
-        graph serves them all; activation checkpointing recomputes through it."""
+        """``torch.compile`` each transformer block's residual branches (:meth:`Block.residuals`).
+        The blocks share their code, and their stochastic-depth masks come in as tensors, so two
+        graphs serve them all (with drop-path masks and without); activation checkpointing
+        recomputes through them."""
         for block in self.blocks:
-            block.compile(**options)
+            block.residuals = torch.compile(block.residuals, **options)
 
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}

@@ -175,3 +175,30 @@ def test_vit_from_config():
     config = load_config("demo/pretrain")
     model = vit_from_config(config.model)
     assert model.patch_size == 2 and model.image_size == 8 and model.num_classes == 10
+
+
+def test_compiled_blocks_share_two_graphs_with_stochastic_depth():
+    """24 blocks, each with its own drop-path rate, compiled and checkpointed as the Trainer does:
+    one training step compiles the block code at most twice (blocks with drop-path masks and the
+    first, without) and nothing falls back to eager past dynamo's recompile limit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = create_vit("mu/4", num_classes=10, image_size=16, depth=24, drop_path_rate=0.1).init_weights()
+    model.set_grad_checkpointing(1)
+    model.compile_blocks()
+    eager = create_vit("mu/4", num_classes=10, image_size=16, depth=24, drop_path_rate=0.1)
+    eager.load_state_dict(model.state_dict())
+    images = torch.randn(8, 3, 16, 16)
+    torch.manual_seed(1)
+    model(images).logsumexp(-1).sum().backward()
+    torch.manual_seed(1)
+    eager(images).logsumexp(-1).sum().backward()
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])
+    assert not any("recompile" in reason.lower() for reason in counters["unimplemented"]), dict(counters["unimplemented"])
+    grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters())]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in grads)  # the same masks, eager or compiled
+    torch._dynamo.reset()
