@@ -135,8 +135,9 @@ def run_eval(model, stream: EvalStream, tally: Tally, normalize: Normalize, dtyp
     the device for it: :class:`Preempted` on every rank."""
     device = tally.device
     agreement = StepAgreement(device)
-    for index, batch in enumerate(tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not show,
-                                       desc=desc, unit="batch", leave=desc == "evaluate", dynamic_ncols=True)):
+    batches = eval_batches(stream, pin_memory=device.type == "cuda")  # non_blocking copies overlap
+    for index, batch in enumerate(tqdm(batches, total=stream.batches_per_rank, disable=not show, desc=desc,
+                                       unit="batch", leave=desc == "evaluate", dynamic_ncols=True)):
         agreed = agreement.collect()
         if agreed is not None and agreed[1]:
             raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")

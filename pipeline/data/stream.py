@@ -425,9 +425,11 @@ class EvalStream(IterableDataset):
         return self._batch([], [], [], [], 0)
 
 
-def eval_batches(stream: EvalStream) -> Iterator[dict]:
-    """The rank's evaluation batches, padded with empty ones so every rank yields the same count."""
-    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator())
+def eval_batches(stream: EvalStream, pin_memory: bool = False) -> Iterator[dict]:
+    """The rank's evaluation batches, padded with empty ones so every rank yields the same count;
+    with ``pin_memory`` in page-locked memory, so the copies to a GPU overlap."""
+    loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator(),
+                        pin_memory=pin_memory)
     count = 0
     for count, batch in enumerate(loader, start=1):
         yield batch
