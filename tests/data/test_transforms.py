@@ -225,6 +225,10 @@ def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
     images, got_labels = decoder({**stack_images(produced), "labels": torch.tensor(labels)})
     torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
     assert got_labels.tolist() == labels and decoder.failed == 0
+    # The GPU's way (boxes resampled in float, then the batch rounded, flipped and placed at once):
+    # the same images, within one level of the uint8 kernel's rounding.
+    batched, _ = DeviceDecoder(16, "cpu", batched=True)({**stack_images(produced), "labels": torch.tensor(labels)})
+    assert (batched.int() - images.int()).abs().max() <= 1
 
     broken = JpegCrop(whole[:len(whole) // 2] + b"\xff\xd9", (0, 0, 8, 8), False)  # whole-looking, undecodable
     images, got_labels = decoder({**stack_images([produced[0], broken, produced[2]]), "labels": torch.tensor([5, 6, 7])})
