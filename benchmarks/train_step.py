@@ -13,10 +13,12 @@ activation checkpointing on and off, on one GPU: images/s, model TFLOP/s, MFU (m
 optimizer step (torch.cuda.set_sync_debug_mode), peak memory against the planner's prediction
 (target within 15%), and the bare loop beside each model.
 
---compile-only runs the eager/compiled comparison alone, on as many ranks as it is launched with.
+--parity runs the eager/compiled comparison alone, on as many ranks as it is launched with, and
+the same for the gradient reduction overlapped in buckets (ds_config.py) against one after the
+backward pass (losses within 1e-5 at ZeRO-1, 2 and 3).
 
     python benchmarks/train_step.py --device cpu
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_step.py --device cpu --compile-only
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_step.py --device cpu --parity
     python benchmarks/train_step.py --device cuda [--cases H/14@224]
 """
 
@@ -77,9 +79,9 @@ def shards(work: Path) -> Path:
 
 def trainer_config(work: Path, name: str, *, variant: str, image_size: int, micro: int, world: int, zero: int,
                    compile: bool, checkpointing: bool, num_classes: int = 1000, lr: float = 1e-4,
-                   drop_path: float = 0.0) -> Config:
+                   drop_path: float = 0.0, extra: tuple[str, ...] = ()) -> Config:
     return load_config(ROOT / "configs/demo/pretrain.yaml", [
-        f"run.output_dir={work}", f"run.name={name}", f"run.tracking_uri=sqlite:///{work}/mlflow.db",
+        f"run.output_dir={work}", f"run.name={name}", "run.tracking_uri=none",
         "run.experiment=benchmark-train-step", f"data.train_shards={shards(work)}", "data.num_workers=0",
         f"model.variant={variant}", f"model.image_size={image_size}", f"model.num_classes={num_classes}",
         f"model.drop_path_rate={drop_path}", f"model.compile={compile}", f"deepspeed.zero_stage={zero}",
@@ -87,6 +89,7 @@ def trainer_config(work: Path, name: str, *, variant: str, image_size: int, micr
         f"train.micro_batch_size={micro}", "train.total_steps=1000000", "train.log_every=1000000",
         "train.checkpoint_every=1000000", "train.resume=never", "optim.warmup_steps=0", f"optim.lr={lr}",
         "train.eval_every=null", "train.ema_decay=null",  # the step alone: the demo config validates, with an EMA
+        *extra,
     ])
 
 
@@ -251,6 +254,31 @@ def compare_compile(env, work: Path, steps: int, stages: list[int]) -> dict:
     return results
 
 
+# Gradient reduction as ds_config.py sets it (overlapped, in buckets during backward) against one
+# reduction after backward: the same sums, so the same losses up to fp32 rounding.
+COMM_CASES = {"plain": ("deepspeed.overlap_comm=false", "deepspeed.reduce_bucket_size=500000000"),
+              "overlapped": ("deepspeed.overlap_comm=true", "deepspeed.reduce_bucket_size=20000")}
+COMM_RTOL = 1e-5
+
+
+def compare_comm(env, work: Path, steps: int, stages: list[int]) -> dict:
+    """Losses over ``steps`` optimizer steps per ZeRO stage (bf16, fp32 accumulation over 2
+    micro-batches), with the gradient reduction overlapped in small buckets and without."""
+    results = {}
+    for zero in stages:
+        losses = {}
+        for name, extra in COMM_CASES.items():
+            config = trainer_config(work, f"comm-z{zero}-{name}", variant="pico/4", image_size=16, micro=8,
+                                    world=env.world_size, zero=zero, compile=False, checkpointing=False,
+                                    num_classes=10, lr=3e-3, extra=extra + ("train.micro_batch_size=4",))
+            case = TrainerCase(config, env, batches(config, 2 * steps, seed=7 + env.rank, device=torch.device("cpu")))
+            losses[name] = [float(m.sums[0] / m.sums[2]) for m in (case.step() for _ in range(steps))]
+            case.close()
+        worst = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(losses["plain"], losses["overlapped"]))
+        results[f"zero{zero}"] = {**losses, "max_rel_diff": worst}
+    return results
+
+
 def compile_matches(results: dict) -> bool:
     return all(r["max_rel_diff"] <= BF16_RTOL and r["block_graphs"] <= 2 and not r["block_fallbacks"]
                for r in results.values())
@@ -366,7 +394,8 @@ def cuda_benchmark(args, env, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--compile-only", action="store_true", help="only eager vs compiled, on the launched ranks")
+    parser.add_argument("--parity", action="store_true",
+                        help="only eager vs compiled, and overlapped vs plain gradient reduction, on the launched ranks")
     parser.add_argument("--variant", default="Ti/16", help="CPU: the model timed (default Ti/16)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16, help="CPU: images per step")
@@ -386,11 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     env = setup_distributed()
     with tempfile.TemporaryDirectory(prefix="train-step-") as tmp:
         work = Path(tmp)
-        if args.compile_only:
+        if args.parity:
             results = compare_compile(env, work, args.compile_steps, args.zero_stages)
+            comm = compare_comm(env, work, args.compile_steps, args.zero_stages)
             if env.is_main:
                 print_compile(results)
+                print(f"\ngradient reduction overlapped in buckets vs after backward (tolerance {COMM_RTOL:g})")
+                for stage, r in comm.items():
+                    print(f"{stage:<6} {' '.join(f'{v:.5f}' for v in r['plain']):<44} {r['max_rel_diff']:>12.2e}")
             figures = {"world_size": env.world_size, "compile_matches_eager": compile_matches(results),
+                       "comm": comm, "comm_matches": all(r["max_rel_diff"] <= COMM_RTOL for r in comm.values()),
                        "compile_max_rel_diff": {k: v["max_rel_diff"] for k, v in results.items()},
                        "losses": {k: {"eager": v["eager"], "compiled": v["compiled"]} for k, v in results.items()},
                        "compile_counts": {k: {n: v[n] for n in ("block_graphs", "block_fallbacks", "graphs")}

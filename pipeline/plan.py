@@ -29,7 +29,7 @@ class Assumptions:
     margin: float = 0.1  # share of GPU memory kept free on top: fragmentation, error of the estimate
     intra_node_gbps: float = 3600.0  # NVLink per GPU, Gbit/s (H100 SXM: 450 GB/s)
     inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
-    comm_overlap: float = 0.5  # share of gradient communication hidden behind the backward pass
+    comm_overlap: float = 0.5  # share of ZeRO-2/3's bucketed gradient reduction hidden behind the backward pass
     decode_images_per_s_per_core: float = 1150.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
     gpu_decode_worker_images_per_s_per_core: float = 90000.0  # data.decode=gpu: the worker's header parse only (RESULTS.md)
     flash_attention: bool = True
@@ -65,6 +65,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
                                                    flash=assume.flash_attention),
             }
     stage, ckpt, micro = recommend(memory, per_gpu_batch)
+    hidden = hidden_comm_share(config, stage, assume)
     recompute = ckpt
     flops = train_flops_per_image(shape)
     hardware_flops = train_flops_per_image(shape, recompute=recompute)
@@ -74,10 +75,10 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
         if n > nodes or n < 1:
             continue
         comm_s = comm_seconds(shape, stage, n * gpus_per_node, n, micro, config, assume)
-        step = compute_s * gpus / (n * gpus_per_node) + comm_s * (1 - assume.comm_overlap)
+        step = compute_s * gpus / (n * gpus_per_node) + comm_s * (1 - hidden)
         scaling[n] = (compute_s * gpus / (n * gpus_per_node)) / step
     comm_s = comm_seconds(shape, stage, gpus, nodes, micro, config, assume)
-    step_s = compute_s + comm_s * (1 - assume.comm_overlap)
+    step_s = compute_s + comm_s * (1 - hidden)
     images_per_s = config.train.global_batch_size / step_s
     steps = config.total_steps()
     decode_per_core = decode_rate(config, assume)
@@ -95,7 +96,7 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
         "decode_cores_per_gpu": images_per_s / gpus / decode_per_core,
         "decode": config.data.decode, "decode_images_per_s_per_core": decode_per_core,
         "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
-        "communication_s_per_step": comm_s,
+        "communication_s_per_step": comm_s, "communication_hidden_share": hidden,
         "scaling_efficiency": {str(n): e for n, e in scaling.items()},
         "host_ram_data_per_node": data_host_memory(config, gpus_per_node, min(config.train.micro_batch_size,
                                                                                max(per_gpu_batch, 1)), assume),
@@ -144,6 +145,17 @@ def recommend(memory: dict, per_gpu_batch: int) -> tuple[int, bool, int]:
     return stage, ckpt, micro if fits else 0
 
 
+def hidden_comm_share(config: Config, stage: int, assume: Assumptions) -> float:
+    """The share of the gradient communication that the backward pass hides, as DeepSpeed runs
+    ``config`` at ``stage`` (pipeline/train/ds_config.py): ZeRO-2/3 with ``overlap_comm`` reduce in
+    buckets during it (``assume.comm_overlap``); stage 0, and ZeRO-1 in bf16 with fp32 accumulation
+    (DeepSpeed's BF16 optimizer), all-reduce after it: nothing hidden."""
+    ds = config.deepspeed
+    bf16_optimizer = ds.precision == "bf16" and ds.grad_accum_dtype != "bf16"
+    overlaps = stage >= 2 or (stage == 1 and not bf16_optimizer)
+    return assume.comm_overlap if overlaps and ds.overlap_comm else 0.0
+
+
 def comm_bytes_per_step(shape: VitShape, stage: int, gpus: int, micro: int, config: Config) -> float:
     # ZeRO-2/3 reduce-scatter every micro-batch's gradients; stages 0-1 reduce once per step.
     # An fp32 reduction (deepspeed.reduce_dtype) moves twice the bytes of a bf16 one.
@@ -182,7 +194,8 @@ def format_plan(result: dict) -> str:
     lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {r['decode_images_per_s_per_core']:,.0f} "
               f"images/s per core (data benchmark; data.decode={r['decode']})",
               f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
-              f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s",
+              f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} "
+              f"Gbit/s, {r['communication_hidden_share']:.0%} of it behind the backward pass",
               "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
               f"  host RAM, data path        {format_host_memory(r['host_ram_data_per_node'])}",
               "", "  assumptions (override with --set NAME=VALUE): "

@@ -7,6 +7,16 @@ from pipeline.config import Config
 
 def build_deepspeed_config(config: Config, world_size: int) -> dict:
     ds, train = config.deepspeed, config.train
+    # Gradient communication, stage by stage (DeepSpeed 0.19):
+    # - ZeRO-2/3 reduce-scatter gradients in buckets from hooks while the backward pass goes on
+    #   (overlap_comm), into one contiguous buffer (contiguous_gradients: no fragmentation at
+    #   H/14 sizes). A bucket must be well under the model for that to overlap: with DeepSpeed's
+    #   default (5e8 elements) an L/16 (3e8) reduces only after its backward. 5e7 elements is
+    #   ~2.5 H/14 blocks, 200 MB in fp32: large enough for NCCL's full bandwidth.
+    # - ZeRO-1 in bf16 with fp32 accumulation runs DeepSpeed's BF16 optimizer, which all-reduces
+    #   the fp32 gradients once per optimizer step after the backward pass: overlap_comm has no
+    #   effect there (the planner counts that communication as exposed). Stage 0 is the same.
+    # Accumulation stays in fp32 at stages 1-3 (data_types.grad_accum_dtype below).
     zero: dict = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
