@@ -6,7 +6,7 @@ DEEPSPEED := $(VENV)/bin/deepspeed
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast demo gpu-check clean
+.PHONY: help install test test-fast demo gpu-check wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,8 +38,21 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 	print(f\"\nDemo done: held-out top-1 {r['top1']:.4f} on {r['num_samples']} digits at 16 px.\")"
 	@echo "View the three runs:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
 
-gpu-check: install  ## on a GPU machine: the pipeline on synthetic shards (ZeRO-1/2/3, compile), then benchmarks/train_step.py
-	$(PY) benchmarks/gpu_check.py --device cuda
+gpu-check: install  ## on a GPU machine: benchmarks/gpu_first.py, every phase in 7 minutes, into gpu_first.jsonl
+	$(PY) benchmarks/gpu_first.py --results gpu_first.jsonl
+
+# What a GPU machine with torch but no registry lacks, as wheels for its Python (README: "First run
+# on a GPU"). WHEEL_PY=3.11 builds the same set for this machine's Python (the test does).
+WHEELS ?= .wheels
+WHEEL_PY ?= 3.12
+GPU_WHEELS := webdataset braceexpand pydantic pydantic-core typing-inspection annotated-types hjson simplejpeg
+wheels: install  ## cp312 manylinux wheels of what the lent GPU machine lacks (deepspeed built here) into .wheels/
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(WHEEL_PY) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -c constraints.txt -d $(WHEELS) $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps --no-build-isolation -c constraints.txt -w $(WHEELS) deepspeed
+	@du -sh $(WHEELS)
 
 clean:  ## remove the virtual environment, demo outputs and caches
-	rm -rf $(VENV) runs data mlflow.db mlruns .pytest_cache *.egg-info
+	rm -rf $(VENV) runs data mlflow.db mlruns .pytest_cache *.egg-info $(WHEELS) gpu_first.jsonl
