@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from pipeline.model import VisionTransformer, vit_from_config
 from pipeline.model.weights import HEAD_KEYS, adapt_state_dict, load_safetensors
+from pipeline.train import safe_load
 from pipeline.train.checkpoint import COMPLETE, resolve_resume
 from pipeline.train.distributed import on_rank0
 from pipeline.train.ema import read_ema_state
@@ -81,10 +82,11 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool
     elif optim_files or any(source.glob("zero_pp_rank_*model_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        safe_load.check_checkpoint(source)  # zero_to_fp32 unpickles with weights_only=False
         # Partitions are memory-mapped; lazy mode merges one ZeRO-3 tensor at a time.
         state = get_fp32_state_dict_from_zero_checkpoint(str(source.parent), tag=source.name, lazy_mode=lazy)
     elif model_states.is_file():  # ZeRO stage 0: the module's weights are saved whole
-        state = torch.load(model_states, map_location="cpu", weights_only=False, mmap=True)["module"]
+        state = safe_load.load(model_states, map_location="cpu", mmap=True)["module"]
     else:
         raise FileNotFoundError(f"no DeepSpeed model states in checkpoint '{source}'")
     log.info("consolidated weights from %s (%d tensors)", source, len(state))
@@ -93,7 +95,7 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool
 
 def _optimizer_state(path: Path) -> dict:
     """The optimizer part of a DeepSpeed ``*_optim_states.pt`` file, memory-mapped."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    return safe_load.load(path, map_location="cpu", mmap=True)["optimizer_state_dict"]
 
 
 def _bf16_optimizer_state_dict(source: Path, files: list[Path]) -> dict[str, torch.Tensor]:
@@ -103,7 +105,7 @@ def _bf16_optimizer_state_dict(source: Path, files: list[Path]) -> dict[str, tor
     over the ranks. Parameters outside the optimizer (frozen) come from the bf16 module."""
     files = sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
     partitions = [_optimizer_state(f)["single_partition_of_fp32_groups"] for f in files]
-    model = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True, weights_only=False)
+    model = safe_load.load(source / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)
     trained = {name for shapes in model["param_shapes"] for name in shapes}
     state = {k: v.float() for k, v in model["module"].items() if k not in trained}  # frozen ones, in bf16
     for group, shapes in enumerate(model["param_shapes"]):

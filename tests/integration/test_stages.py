@@ -126,3 +126,66 @@ def test_export_and_fine_tuning_can_take_the_ema_weights(stages, tmp_path):
     adapted = read_pretrained(pre, ModelConfig(variant="pico/2", image_size=16, num_classes=10), ema=True)
     torch.testing.assert_close(adapted["blocks.3.mlp.fc2.weight"].contiguous(), ema["blocks.3.mlp.fc2.weight"])
     torch.testing.assert_close(adapted["pos_embed"].contiguous(), resample_pos_embed(ema["pos_embed"], (8, 8)))
+
+
+class _Payload:
+    """A pickle that, when unpickled, creates ``marker``: what a stranger's checkpoint could run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_everywhere(stages, tmp_path):
+    """A ZeRO-3 checkpoint with one optimizer file replaced by a pickle that would create a marker
+    file is refused by fine-tuning's init_from, evaluation and export (each through its launcher,
+    one rank), naming the file and the type; so are a stage-0 and a BF16-optimizer layout read in
+    process. The marker never appears; the untouched checkpoint still loads."""
+    import os
+    import shutil
+
+    from pipeline.train.distributed import free_port
+    from pipeline.train.safe_load import UntrustedCheckpoint
+
+    marker = tmp_path / "pwned"
+    source = checkpoint_dir(stages["out"] / "pre")
+    poisoned = tmp_path / "run/checkpoints" / source.name
+    shutil.copytree(source, poisoned)
+    victim = sorted(poisoned.glob("*optim_states.pt"))[-1]  # not the first, which the layout check reads
+    torch.save({"optimizer_state_dict": _Payload(marker), "ds_version": "0.19.8"}, victim)
+
+    out, shards = tmp_path / "out", stages["shards"]
+    common = [f"run.output_dir={out}", "run.tracking_uri=none", "data.num_workers=0"]
+    runs = {
+        "export": ["launch/export.py", "--checkpoint", str(poisoned), "--out", str(out / "model.safetensors")],
+        "evaluate": ["launch/evaluate.py", "--config", "configs/demo/evaluate.yaml", "--checkpoint", str(poisoned),
+                     f"data.eval_shards={shards}/val.json", "model.pre_logits=32", "model.image_size=8", *common],
+        "finetune": ["launch/train.py", "--config", "configs/demo/finetune.yaml", f"finetune.init_from={poisoned}",
+                     f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json",
+                     "train.total_steps=1", *common],
+    }
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()))
+    env.pop("RANK", None)
+    for name, cmd in runs.items():
+        result = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        text = result.stdout + result.stderr
+        assert result.returncode != 0, f"{name} loaded a poisoned checkpoint:\n{text[-3000:]}"
+        assert victim.name in text and "posix.system" in text, f"{name}:\n{text[-3000:]}"
+        assert not marker.exists(), f"{name} ran the pickle"
+
+    stage0 = tmp_path / "stage0/checkpoints/step00000001"
+    stage0.mkdir(parents=True)
+    shutil.copy(source / "complete.json", stage0)
+    torch.save({"module": _Payload(marker)}, stage0 / "mp_rank_00_model_states.pt")
+    bf16 = tmp_path / "bf16/checkpoints/step00000001"
+    shutil.copytree(stage0, bf16)
+    torch.save({"optimizer_state_dict": _Payload(marker)}, bf16 / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    for layout in (stage0, bf16):
+        with pytest.raises(UntrustedCheckpoint, match="posix.system"):
+            consolidated_state_dict(layout)
+    assert not marker.exists()
+    assert consolidated_state_dict(source)["pos_embed"].shape == (1, 17, 64)  # ours still loads
