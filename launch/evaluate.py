@@ -8,8 +8,9 @@
 
 --checkpoint (or eval.checkpoint) is a run directory, a checkpoint directory of any ZeRO stage
 and world size, or a .safetensors file; a resolution other than the checkpoint's is resampled.
-Writes RUN_DIR/report.json and an MLflow run tagged stage=evaluate. Exit status: 0 done, 75
-stopped on SIGUSR1/SIGTERM (requeue me; evaluation restarts), 2 bad config, 1 failure.
+Writes RUN_DIR/report.json and an MLflow run tagged stage=evaluate. Overrides are dotted keys,
+anywhere on the command line. Exit status: 0 done, 75 stopped on SIGUSR1/SIGTERM (requeue me;
+evaluation restarts), 2 the user's mistake (one "error:" line), 1 failure.
 """
 
 from __future__ import annotations
@@ -19,42 +20,41 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cli import stage_parser, start_stage  # noqa: E402
+from pipeline.cli import stage_parser, start_stage, user_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = stage_parser(__doc__)
     parser.add_argument("--checkpoint", help="what to evaluate (default: eval.checkpoint)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.dry_run:
         from pipeline.dryrun import main as dry_run
 
         return dry_run(args, stage="evaluate")
-    env, config = start_stage(args, check_world_size=False)
-    if config is None:
-        return 2
+    with user_errors(args.debug):
+        env, config = start_stage(args, check_world_size=False)
 
-    import torch.distributed as dist
+        import torch.distributed as dist
 
-    from pipeline.evaluate import Preempted, evaluate
-    from pipeline.train import signals
-    from pipeline.train.distributed import init_process_group
+        from pipeline.evaluate import Preempted, evaluate
+        from pipeline.train import signals
+        from pipeline.train.distributed import init_process_group
 
-    init_process_group(env)
-    try:
-        report = evaluate(config, env, args.checkpoint)
-        if env.is_main:
-            print(f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  loss {report['loss']:.4f}  "
-                  f"ECE {report['ece']:.4f}  on {report['num_samples']} images ({report['skipped']} unreadable) "
-                  f"at {report['image_size']} px -> {config.run.run_dir / 'report.json'}")
-        dist.barrier()  # leave together: the others wait while rank 0 writes the report and MLflow run
-    except Preempted as e:
-        print(f"{e}: exiting with {signals.EXIT_PREEMPTED} for a requeue (evaluation restarts)", file=sys.stderr)
-        if env.is_main:
-            signals.mark_preempted("evaluation")
-        return signals.EXIT_PREEMPTED
-    finally:
-        dist.destroy_process_group()
+        init_process_group(env)
+        try:
+            report = evaluate(config, env, args.checkpoint)
+            if env.is_main:
+                print(f"top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}  loss {report['loss']:.4f}  "
+                      f"ECE {report['ece']:.4f}  on {report['num_samples']} images ({report['skipped']} unreadable) "
+                      f"at {report['image_size']} px -> {config.run.run_dir / 'report.json'}")
+            dist.barrier()  # leave together: the others wait while rank 0 writes the report and MLflow run
+        except Preempted as e:
+            print(f"{e}: exiting with {signals.EXIT_PREEMPTED} for a requeue (evaluation restarts)", file=sys.stderr)
+            if env.is_main:
+                signals.mark_preempted("evaluation")
+            return signals.EXIT_PREEMPTED
+        finally:
+            dist.destroy_process_group()
     return 0
 
 

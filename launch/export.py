@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="run, checkpoints or stepNNNNNNNN directory")
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (the run set train.ema_decay)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+    from pipeline.cli import user_errors
     from pipeline.train.consolidate import export_checkpoint
 
-    out, config_path, params = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
+    with user_errors(args.debug):
+        out, config_path, params = export_checkpoint(args.checkpoint, args.out, ema=args.ema)
     print(f"wrote {out} ({params:,} parameters) and {config_path}: {json.loads(config_path.read_text())}")
     return 0
 

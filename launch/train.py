@@ -7,8 +7,9 @@
     deepspeed --num_gpus 2 launch/train.py --config configs/demo/pretrain.yaml   # CPU demo
     python launch/train.py --config vit_h14.yaml --dry-run --nodes 4 --gpus-per-node 8   # before the queue
 
-Overrides are dotted keys after the config. Exit status: 0 done, 75 saved after SIGUSR1/SIGTERM
-(requeue me), 2 bad config, 1 failure (--dry-run: 1 lists every problem found).
+Overrides are dotted keys, anywhere on the command line. Exit status: 0 done, 75 saved after
+SIGUSR1/SIGTERM (requeue me), 2 the user's mistake (one "error:" line; --debug shows the
+traceback), 1 failure (--dry-run: 1 lists every problem found).
 """
 
 from __future__ import annotations
@@ -18,34 +19,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cli import stage_parser, start_stage  # noqa: E402
+from pipeline.cli import stage_parser, start_stage, user_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = stage_parser(__doc__).parse_args(argv)
+    args = stage_parser(__doc__).parse_intermixed_args(argv)
     if args.dry_run:
         from pipeline.dryrun import main as dry_run
 
         return dry_run(args, stage="train")
-    env, config = start_stage(args, check_world_size=True)
-    if config is None:
-        return 2
+    with user_errors(args.debug):
+        env, config = start_stage(args, check_world_size=True)
 
-    import torch.distributed as dist
+        import torch.distributed as dist
 
-    from pipeline.train.distributed import init_process_group
-    from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
+        from pipeline.train.distributed import init_process_group
+        from pipeline.train.trainer import EXIT_PREEMPTED, Trainer
 
-    init_process_group(env)
-    trainer, code, status = None, 1, "FAILED"
-    try:
-        trainer = Trainer(config, env)
-        code = trainer.train()
-        status = "KILLED" if code == EXIT_PREEMPTED else "FINISHED"
-    finally:
-        if trainer is not None:
-            trainer.close(status)
-        dist.destroy_process_group()
+        init_process_group(env)
+        trainer, code, status = None, 1, "FAILED"
+        try:
+            trainer = Trainer(config, env)
+            code = trainer.train()
+            status = "KILLED" if code == EXIT_PREEMPTED else "FINISHED"
+        finally:
+            if trainer is not None:
+                trainer.close(status)
+            dist.destroy_process_group()
     return code
 
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, load_config
+from pipeline.errors import EXIT_USER_ERROR, UserError
 from pipeline.plan import GPUS
 from pipeline.tracking import tracking_unavailable, tracking_uri
 from pipeline.train import signals
 from pipeline.train.distributed import DistEnv, discover, set_cpu_threads
+
+USER_ERROR_GRACE_S = 5.0
 
 
 def stage_parser(doc: str) -> argparse.ArgumentParser:
@@ -26,30 +33,46 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
     check.add_argument("--nodes", type=int, default=1, help="--dry-run: nodes of the job (default 1)")
     check.add_argument("--gpus-per-node", type=int, default=8, help="--dry-run: GPUs (ranks) per node (default 8)")
     check.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="--dry-run: GPU kind (default h100)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error too (or set VIT_PIPELINE_DEBUG=1)")
     check.add_argument("--after", action="append", default=[], metavar="CONFIG",
                        help="--dry-run: config of an earlier stage of this pipeline, whose run directory this "
                             "stage may start from before it exists (repeatable; inherited configs count already)")
     return parser
 
 
-def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[DistEnv, Config | None]:
+def start_stage(args: argparse.Namespace, *, check_world_size: bool) -> tuple[DistEnv, Config]:
     """Catch preemption signals, discover the ranks, set up logging (INFO on rank 0), load the
-    config, fit the rank's threads to its cores. The config is None after a config error, or
-    where MLflow is wanted but not installed, which has been printed."""
+    config, check that its tracking can start, fit the rank's threads to its cores. A config
+    error, or MLflow wanted but missing, raises a :class:`~pipeline.errors.UserError`."""
     signals.install()
     env = discover(args.local_rank)
     logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
                         format=f"%(asctime)s [rank {env.rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    try:
-        config = load_config(args.config, args.overrides, world_size=env.world_size if check_world_size else None)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return env, None
+    config = load_config(args.config, args.overrides, world_size=env.world_size if check_world_size else None)
     problem = tracking_unavailable(tracking_uri(config.run.tracking_uri))
     if problem:
-        if env.is_main:
-            print(f"error: {problem}", file=sys.stderr)
-        return env, None
+        raise UserError(problem)
     set_cpu_threads(config.data.num_workers, warn=env.is_main)
     return env, config
+
+
+@contextmanager
+def user_errors(debug: bool = False) -> Iterator[None]:
+    """A :class:`~pipeline.errors.UserError` raised inside becomes one line, ``error: ...``, on
+    rank 0's stderr, and :data:`~pipeline.errors.EXIT_USER_ERROR` on every rank, without a
+    traceback; with ``debug`` (``--debug``, or ``VIT_PIPELINE_DEBUG=1``) it is raised as it is.
+    Any other exception is a bug and keeps its traceback."""
+    try:
+        yield
+    except UserError as e:
+        if debug or os.environ.get("VIT_PIPELINE_DEBUG", "0") not in ("", "0"):
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        else:
+            # Launchers kill every rank once one exits with an error: rank 0, which tells the user,
+            # must be first (it usually found the same mistake at the same moment).
+            time.sleep(USER_ERROR_GRACE_S)
+        raise SystemExit(EXIT_USER_ERROR) from None

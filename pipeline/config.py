@@ -16,11 +16,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
+from pipeline.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 CLI = "the command line"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used, with a message naming the key and where it was set."""
 
 

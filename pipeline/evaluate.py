@@ -23,7 +23,8 @@ from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, resolve_shards
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri
 from pipeline.train import signals
-from pipeline.train.consolidate import build_model, export_checkpoint
+from pipeline.errors import MissingInput, WrongInput
+from pipeline.train.consolidate import build_model, checkpoint_dir, export_checkpoint
 from pipeline.train.distributed import DistEnv, StepAgreement, rank_device
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,12 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
     Raises :class:`Preempted` on every rank once any rank has received SIGUSR1/SIGTERM."""
     source = checkpoint or config.eval.checkpoint
     if not source:
-        raise ValueError("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
+        raise WrongInput("nothing to evaluate: pass --checkpoint or set eval.checkpoint")
+    if not str(source).endswith(".safetensors"):
+        try:
+            checkpoint_dir(source)
+        except MissingInput as e:
+            raise MissingInput(f"{'--checkpoint' if checkpoint else 'eval.checkpoint'}: {e}") from None
     c, zero3 = config, config.deepspeed.zero_stage == 3
     device = rank_device(env)
     dtype = torch.bfloat16 if c.deepspeed.precision == "bf16" else torch.float32

@@ -38,11 +38,22 @@ def tracking_uri(configured: str | None = None) -> str:
 
 def tracking_unavailable(uri: str) -> str | None:
     """Why a stage cannot track to ``uri``, in one sentence; None where it can, or tracking is off.
-    Checked at start: a missing package would otherwise be retried by the tracker thread in vain."""
-    if uri == TRACKING_OFF or importlib.util.find_spec("mlflow") is not None:
+    Checked at start: MLflow missing, a store's folder that does not exist, a scheme MLflow does
+    not know would otherwise be retried by the tracker thread in vain (a server that is down is
+    no mistake: the tracker waits for it)."""
+    if uri == TRACKING_OFF:
         return None
-    return (f"MLflow is not installed, and run.tracking_uri is {uri}: install it (pip install mlflow), or set "
-            f"run.tracking_uri={TRACKING_OFF} to run without tracking")
+    if importlib.util.find_spec("mlflow") is None:
+        return (f"MLflow is not installed, and run.tracking_uri is {uri}: install it (pip install mlflow), or set "
+                f"run.tracking_uri={TRACKING_OFF} to run without tracking")
+    scheme, _, rest = uri.partition("://")
+    if scheme in ("sqlite", "file") and rest.startswith("/"):
+        folder = Path(rest[1:] if scheme == "sqlite" else rest).parent  # sqlite:///x.db is relative, ////x.db not
+        if not folder.is_dir():
+            return f"run.tracking_uri {uri}: folder '{folder}' does not exist"
+    elif scheme not in ("http", "https", "databricks", "file", "sqlite", "postgresql", "mysql", "mssql") and "://" in uri:
+        return f"run.tracking_uri {uri}: MLflow cannot track to a '{scheme}' URI"
+    return None
 
 
 def git_commit() -> str:

@@ -26,6 +26,8 @@ import numpy as np
 from pydantic import ByteSize
 import webdataset as wds
 
+from pipeline.errors import MissingInput, WrongInput
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_COUNT = 10_000  # samples per shard written (make_shards.py --max-count)
@@ -80,11 +82,11 @@ def _relative_to(base: Path, url: str) -> str:
 def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
     """Expand ``spec``; with ``check_exists``, a missing local shard is an error naming it."""
     if not spec:
-        raise ValueError("no shards given (set data.train_shards / data.eval_shards)")
+        raise WrongInput("no shards given (set data.train_shards / data.eval_shards)")
     if spec.endswith(".json") and _is_local(spec):
         path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"shard manifest '{spec}' not found (write shards with launch/make_shards.py)")
+            raise MissingInput(f"shard manifest '{spec}' not found (write shards with launch/make_shards.py)")
         manifest = json.loads(path.read_text())
         urls = [_relative_to(path.parent, u["url"]) for u in manifest["shards"]]
         sizes = [u.get("num_bytes") for u in manifest["shards"]]
@@ -94,7 +96,7 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
         urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
         shards = ShardSet(urls, None, [], spec)
     if not shards.urls:
-        raise ValueError(f"no shards in '{spec}'")
+        raise WrongInput(f"no shards in '{spec}'")
     if check_exists:
         check_exist(shards)
     return shards
@@ -135,10 +137,10 @@ def check_exist(shards: ShardSet) -> None:
     local = [u for u in shards.urls if _is_local(u)]
     missing = [u for u in local if not os.path.isfile(u)]
     if missing and len(missing) == len(local) and len(local) > 1:
-        raise FileNotFoundError(f"no shard matches '{shards.spec}' (first expected: {missing[0]})")
+        raise MissingInput(f"no shard matches '{shards.spec}' (first expected: {missing[0]})")
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"missing shard '{missing[0]}'{more} (from '{shards.spec}')")
+        raise MissingInput(f"missing shard '{missing[0]}'{more} (from '{shards.spec}')")
 
 
 # ---------------------------------------------------------------------------------------------

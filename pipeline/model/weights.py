@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import MissingInput, WrongInput
 from pipeline.model.pos_embed import resample_pos_embed
 from pipeline.model.vit import VisionTransformer
 
@@ -63,7 +64,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
             lines.append(f"  missing from the checkpoint: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
             lines.append(f"  not in the model: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
-        raise ValueError("\n".join(lines))
+        raise WrongInput("\n".join(lines))
     if notes:
         log.info("%s: %s", source, "; ".join(notes))
     return state
@@ -72,7 +73,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file '{path}' not found")
+        raise MissingInput(f"weights file '{path}' not found")
     return load_file(str(path))
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from pipeline.errors import MissingInput, WrongInput
 from pipeline.train.distributed import on_rank0
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"train.resume='{resume}': no complete checkpoint there (looked for {COMPLETE})")
+        raise MissingInput(f"train.resume='{resume}': no complete checkpoint there (looked for {COMPLETE})")
     return found[-1]
 
 
@@ -87,7 +88,7 @@ def check_model(checkpoint: Path, model_signature: dict) -> None:
     differ = {k: (saved.get(k), v) for k, v in model_signature.items() if k in saved and saved[k] != v}
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"checkpoint {checkpoint} is of another model ({details})")
+        raise WrongInput(f"checkpoint {checkpoint} is of another model ({details})")
 
 
 def universal_path(checkpoint: Path) -> Path:

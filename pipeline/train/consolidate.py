@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
+from pipeline.errors import MissingInput, WrongInput
 from pipeline.model import VisionTransformer, vit_from_config
 from pipeline.model.weights import HEAD_KEYS, adapt_state_dict, load_safetensors
 from pipeline.train import safe_load
-from pipeline.train.checkpoint import COMPLETE, resolve_resume
+from pipeline.train.checkpoint import COMPLETE, complete_checkpoints
 from pipeline.train.distributed import on_rank0
 from pipeline.train.ema import read_ema_state
 
@@ -32,11 +33,15 @@ def checkpoint_dir(source: str | Path) -> Path:
     """The complete checkpoint that a run, checkpoints or stepNNNNNNNN directory names."""
     source = Path(source)
     if not source.exists():
-        raise FileNotFoundError(f"checkpoint '{source}' does not exist")
+        raise MissingInput(f"checkpoint '{source}' does not exist")
     if (source / COMPLETE).is_file():
         return source
     folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    return resolve_resume(str(folder), folder)
+    found = complete_checkpoints(folder)
+    if not found:
+        raise MissingInput(f"'{source}' holds no complete checkpoint (a run directory, its checkpoints/ or a "
+                           f"stepNNNNNNNN directory with {COMPLETE})")
+    return found[-1]
 
 
 class _SafetensorsEntry:
@@ -71,7 +76,7 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool
         if not lazy:
             return load_safetensors(source)
         if not Path(source).is_file():
-            raise FileNotFoundError(f"weights file '{source}' not found")
+            raise MissingInput(f"weights file '{source}' not found")
         handle = safe_open(str(source), framework="pt")
         return {key: _SafetensorsEntry(handle, key) for key in handle.keys()}
     source = checkpoint_dir(source)
@@ -137,11 +142,11 @@ def read_pretrained(source: str | Path, model_config, *, reset_head: bool = Fals
     if same_head:
         classes = model_config.num_classes
         if HEAD_KEYS[0] in state and classes and state[HEAD_KEYS[0]].shape[0] != classes:
-            raise ValueError(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
+            raise WrongInput(f"checkpoint '{source}' has a head of {state[HEAD_KEYS[0]].shape[0]} classes, "
                              f"model.num_classes is {classes}")
     state = adapt_to_config(state, model_config, reset_head=reset_head, source=str(source))
     if same_head and model_config.num_classes and HEAD_KEYS[0] not in state:
-        raise ValueError(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
+        raise WrongInput(f"the head of checkpoint '{source}' does not fit the model: set model.pre_logits and "
                          f"model.num_classes as the checkpoint was trained")
     return state
 

@@ -13,6 +13,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -233,12 +235,13 @@ def on_rank0(fn: Callable[[], T], *, share: bool = False) -> T | None:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
-    shared = [f"{type(error).__name__}: {error}" if error is not None else None, result if share else None]
+    shared = [f"{type(error).__name__}: {error}" if error is not None else None, result if share else None,
+              isinstance(error, UserError)]
     dist.broadcast_object_list(shared, src=0)
     if error is not None:
         raise error
-    if shared[0] is not None:
-        raise RuntimeError(f"failed on rank 0: {shared[0]}")
+    if shared[0] is not None:  # the user's mistake stays one (rank 0 tells it), a bug stays a bug
+        raise (UserError if shared[2] else RuntimeError)(f"failed on rank 0: {shared[0]}")
     return result if dist.get_rank() == 0 else shared[1]
 
 

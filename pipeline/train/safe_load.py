@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.errors import UserError
+
 # What a DeepSpeed 0.19 checkpoint of this pipeline holds besides tensors and containers (found
 # with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 checkpoints): the loss
 # scaler, ZeRO's stage enum and the BF16 optimizer's fragment addresses in the optimizer states,
@@ -29,7 +31,7 @@ ALLOWED = (
 )
 
 
-class UntrustedCheckpoint(ValueError):
+class UntrustedCheckpoint(UserError, ValueError):
     """A checkpoint file whose pickle names a global that no DeepSpeed checkpoint holds."""
 
 

@@ -189,3 +189,51 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_everywhere(stages, tmp_p
             consolidated_state_dict(layout)
     assert not marker.exists()
     assert consolidated_state_dict(source)["pos_embed"].shape == (1, 17, 64)  # ours still loads
+
+
+def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
+    """Each mistake through the deepspeed launcher on 2 ranks: exactly one 'error:' line (rank 0's),
+    no traceback, exit status 2; --debug shows the traceback."""
+    import shutil
+
+    from tests.helpers import deepspeed_cmd, launch_env
+
+    shards, out = stages["shards"], tmp_path / "out"
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    next(broken.glob("train-*.tar")).unlink()
+    train = lambda *extra: ("launch/train.py", *train_args(shards, out, "mistake", "run.tracking_uri=none", *extra))  # noqa: E731
+    evaluate = ("launch/evaluate.py", "--config", "configs/demo/evaluate.yaml", "--checkpoint", str(stages["out"] / "pre"),
+                f"data.eval_shards={shards}/val.json", f"run.output_dir={out}", "run.tracking_uri=none")
+    mistakes = {
+        "mistyped key": (train("optim.lrr=1e-3"), "did you mean 'optim.lr'"),
+        "bad value": (train("optim.lr=fast"), "optim.lr"),
+        "missing manifest": (train("data.train_shards=/nonexistent/train.json"), "/nonexistent/train.json"),
+        "missing shard": (train(f"data.train_shards={broken}/train.json"), "missing shard"),
+        "another model": (evaluate + ("model.variant=mu/4",), "does not fit this model"),
+        "tracking URI": (train("run.tracking_uri=sqlite:////nonexistent/dir/mlflow.db"), "/nonexistent/dir"),
+        "init_from": (train("run.stage=finetune", "finetune.init_from=/nonexistent/run"), "/nonexistent/run"),
+    }
+    for name, ((script, *args), expected) in mistakes.items():
+        result = subprocess.run(deepspeed_cmd(script, 2, *args), cwd=ROOT, env=launch_env(), capture_output=True,
+                                text=True, timeout=300)
+        text = result.stdout + result.stderr
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"{name}: {errors}\n{text[-3000:]}"
+        assert expected in text[text.index(errors[0]):], f"{name}: {text[-3000:]}"  # the message, with its detail lines
+        assert "Traceback" not in text and result.returncode != 0, f"{name}:\n{text[-3000:]}"
+    debug = subprocess.run([sys.executable, "launch/train.py", "--debug", *train("optim.lrr=1")[1:]], cwd=ROOT,
+                           env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_overrides_are_taken_before_and_after_the_checkpoint(stages, tmp_path):
+    """launch/evaluate.py --config X OVERRIDE --checkpoint RUN OVERRIDE: both take effect."""
+    result = subprocess.run([sys.executable, "launch/evaluate.py", "--config", "configs/demo/evaluate.yaml",
+                             f"run.output_dir={tmp_path}", "--checkpoint", str(stages["out"] / "pre"),
+                             "run.name=late", "run.tracking_uri=none", f"data.eval_shards={stages['shards']}/val.json",
+                             "model.pre_logits=32", "model.image_size=8", "data.num_workers=0"],
+                            cwd=ROOT, env=dict(__import__("tests.helpers", fromlist=["launch_env"]).launch_env()),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "late/report.json").read_text())["num_samples"] > 0
