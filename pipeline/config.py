@@ -26,6 +26,9 @@ class ConfigError(UserError, ValueError):
     """A config that cannot be used, with a message naming the key and where it was set."""
 
 
+OUTPUT_DIR = "{output_dir}"  # in a stage link: this config's run.output_dir
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -201,14 +204,14 @@ class DeepSpeedConfig(Section):
 
 
 class FinetuneConfig(Section):
-    init_from: str | None = Field(None, description="Pretraining checkpoint directory or .safetensors file to start from.")
+    init_from: str | None = Field(None, description="Pretraining checkpoint directory or .safetensors file to start from; {output_dir}/NAME is the run NAME under run.output_dir.")
     reset_head: bool = Field(False, description="Re-initialise the head even when the class count matches.")
     freeze_backbone: bool = Field(False, description="Train the head only (linear probe).")
     use_ema: bool = Field(False, description="Start from the EMA weights of the init_from checkpoint (its run set train.ema_decay).")
 
 
 class EvalConfig(Section):
-    checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate.")
+    checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate; {output_dir}/NAME is the run NAME under run.output_dir.")
     micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass (also validation during training).")
     use_ema: bool = Field(False, description="Evaluate the checkpoint's EMA weights (its run set train.ema_decay).")
     log_model: bool = Field(False, description="Log the evaluated weights (safetensors for timm, and model.json) "
@@ -227,6 +230,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        # Stage links name an earlier stage's run under this run.output_dir, resolved here once, so
+        # moving a chain's output (run.output_dir=/scratch/runs) moves its links with it.
+        for section, key in ((self.finetune, "init_from"), (self.eval, "checkpoint")):
+            link = getattr(section, key)
+            if link and OUTPUT_DIR in link:
+                setattr(section, key, link.replace(OUTPUT_DIR, self.run.output_dir))
         if self.run.stage == "finetune" and not self.finetune.init_from:
             raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors file)")
         if self.deepspeed.zero_stage == 0 and self.deepspeed.offload_optimizer != "none":

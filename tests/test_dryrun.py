@@ -130,3 +130,18 @@ def test_host_ram_uses_the_manifests_sample_size(tmp_path):
     ok, report = dry_run("vit_l16.yaml", bare, stage="train", nodes=1, gpus_per_node=8)
     assert not ok and "data.shuffle_buffer is a size (3,000,000,000 bytes)" in report and "--index" in report
     assert "over half of the 2,048 GB of a node" in report  # 8 x 64 x 3 GB of buffers
+
+
+@pytest.mark.parametrize("chain", [["vit_l16.yaml", "vit_l16_ft384.yaml", "vit_l16_eval.yaml"],
+                                   ["vit_h14.yaml", "vit_h14_ft448.yaml", "vit_h14_eval.yaml"]])
+def test_stage_links_follow_a_moved_output_dir(chain, imagenet, tmp_path):
+    """run.output_dir moved for all three stages: each link ({output_dir}/NAME) names the earlier
+    stage's run in the new place, and the 4 x 8 dry run passes."""
+    scratch = tmp_path / "scratch"
+    for index, name in enumerate(chain):
+        stage = "evaluate" if load_config(name).eval.checkpoint else "train"
+        ok, report = dry_run(name, moved_data(name, imagenet) + [f"run.output_dir={scratch}"], stage=stage, nodes=4,
+                             gpus_per_node=8, after=chain[:index])
+        assert ok, report
+        if index:
+            assert "written by the earlier stage" in report and str(scratch) in report, report
