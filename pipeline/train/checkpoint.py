@@ -19,14 +19,27 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from pipeline.errors import MissingInput, WrongInput
+from pipeline.errors import MissingInput, UserError, WrongInput
 from pipeline.train.distributed import on_rank0
 
 log = logging.getLogger(__name__)
 COMPLETE = "complete.json"
 TAG = re.compile(r"^step(\d{8})$")
+WRITE_FAILURES = ("iostream error", "failed writing", "No space left", "Disk quota")
+
+
+def _write_failure(error: BaseException | None) -> str | None:
+    """The first line of a torch.save error (or of one it was raised from) that says a write
+    failed: its C++ writer raises RuntimeError, not OSError, on a full disk."""
+    while error is not None:
+        line = str(error).splitlines()[0] if str(error) else ""
+        if any(sign in line for sign in WRITE_FAILURES):
+            return line
+        error = error.__cause__ or error.__context__
+    return None
 UNIVERSAL = "_universal"  # suffix of a checkpoint converted for another world size
 
 
@@ -115,6 +128,10 @@ def convert_to_universal(checkpoint: Path) -> Path:
     return out
 
 
+class CheckpointNotWritten(UserError, OSError):
+    """A checkpoint that could not be written (a full disk, a quota): the job stops, nothing is lost."""
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, rank: int):
         self.directory, self.keep, self.rank = Path(directory), keep, rank
@@ -129,24 +146,48 @@ class Checkpointer:
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an incomplete leftover of an earlier crash at this step
         _barrier()
+        error = None
         try:
             engine.save_checkpoint(str(self.directory), tag=tag, client_state=client_state, save_latest=True)
             if extra is not None:
                 extra(path, step)
-        except OSError as e:
-            previous = complete_checkpoints(self.directory)
-            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
-            raise OSError(f"saving checkpoint {path} failed: {e}; {kept}") from e
-        _barrier()
+        except OSError as e:  # a full disk, a quota: the rank says so below, every rank stops
+            error = e
+        except RuntimeError as e:  # torch.save's C++ writer reports a full disk so
+            if not _write_failure(e):
+                raise
+            error = OSError(_write_failure(e))
+        self._agree_written(path, error, engine.device)
         if self.rank == 0:
             marker = {"step": step, "time": time.time(), "world_size": _world_size(),
                       "zero_stage": engine.zero_optimization_stage(), "model": model_signature}
             tmp = path / (COMPLETE + ".tmp")
-            tmp.write_text(json.dumps(marker))
-            os.replace(tmp, path / COMPLETE)  # atomic: the checkpoint is complete, or not
+            try:
+                tmp.write_text(json.dumps(marker))
+                os.replace(tmp, path / COMPLETE)  # atomic: the checkpoint is complete, or not
+            except OSError as e:
+                error = e
+        self._agree_written(path, error, engine.device)
+        if self.rank == 0:
             self._prune()
         _barrier()
         return path
+
+    def _agree_written(self, path: Path, error: OSError | None, device) -> None:
+        """Collective: raise :class:`CheckpointNotWritten` on every rank if any rank failed to
+        write its part of ``path``, naming the failure and the free space. The checkpoint then
+        has no completion marker, so no resume ever picks it; the previous one is untouched."""
+        failed = torch.tensor([0.0 if error is None else 1.0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(failed)
+        if not failed.item():
+            return
+        previous = complete_checkpoints(self.directory)
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        free = shutil.disk_usage(self.directory).free
+        cause = str(error.strerror or error) if error is not None else "another rank failed to write its part"
+        raise CheckpointNotWritten(f"saving checkpoint {path} failed: {cause} ({free / 2**20:,.1f} MiB free on its "
+                                   f"filesystem); it is incomplete and never resumed, {kept}")
 
     def _prune(self) -> None:
         complete = complete_checkpoints(self.directory)
