@@ -352,8 +352,9 @@ def phase_launcher(args, work: Path) -> dict:
     steps = 4 if args.tiny else 20
     size = 16 if args.tiny else 112
     shards = work / "shards"
-    subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--source", f"synthetic:{256 if args.tiny else 4096}"
-                    f"x{size * 2}", "--out", str(shards), "--val-fraction", "0.25", "--quiet"], check=True, cwd=ROOT)
+    images = 256 if args.tiny else 4096
+    subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--source", f"synthetic:{images}x{size * 2}",
+                    "--out", str(shards), "--val-fraction", "0.25", "--quiet"], check=True, cwd=ROOT)
     common = [f"run.output_dir={work}", "run.name=launcher", "run.tracking_uri=none",
               f"data.train_shards={shards}/train.json", f"data.eval_shards={shards}/val.json", "data.decode=gpu",
               "data.num_workers=2", "data.hflip=0.5", f"model.variant={'pico/4' if args.tiny else 'S/16'}",
@@ -454,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "error": result.stderr[-1500:]})
             failed += [phase] if result.returncode else []
         except subprocess.TimeoutExpired as e:
-            tail = e.stderr.decode(errors="replace")[-1500:] if isinstance(e.stderr, bytes) else (e.stderr or "")[-1500:]
-            emit(args.results, {"phase": phase, "ok": False, "error": f"timed out after {budget:.0f} s", "log": tail})
+            tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+            emit(args.results, {"phase": phase, "ok": False, "error": f"timed out after {budget:.0f} s",
+                                "log": tail[-1500:]})
             failed.append(phase)
     print(json.dumps({"results": str(args.results), "failed": failed}))
     return 1 if failed else 0

@@ -383,7 +383,8 @@ def cuda_benchmark(args, env, work: Path) -> dict:
                        "peak_gb": peak_gb, "plan_gb": plan_gb, "plan_error": peak_gb / plan_gb - 1}
                 figures["cases"].append(row)
                 rows.append(f"{variant + '@' + str(size):<10} {loop:<8} {str(compiled):<8} {zero:>4} {str(checkpointing):>5} "
-                            f"{micro:>5} {row['images_per_s']:>9.1f} {tflops:>8.1f} {row['mfu'] or 0:>6.1%} {row['hfu'] or 0:>6.1%} "
+                            f"{micro:>5} {row['images_per_s']:>9.1f} {tflops:>8.1f} {row['mfu'] or 0:>6.1%} "
+                            f"{row['hfu'] or 0:>6.1%} "
                             f"{'' if syncs is None else f'{syncs:.1f}':>6} {peak_gb:>8.1f} {plan_gb:>8.1f} "
                             f"{row['plan_error']:>+6.0%}")
                 print(rows[-1], flush=True)

@@ -194,8 +194,9 @@ def format_plan(result: dict) -> str:
     lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {r['decode_images_per_s_per_core']:,.0f} "
               f"images/s per core (data benchmark; data.decode={r['decode']})",
               f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
-              f"{r['communication_s_per_step']:.3f} s at {a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} "
-              f"Gbit/s, {r['communication_hidden_share']:.0%} of it behind the backward pass",
+              f"{r['communication_s_per_step']:.3f} s at "
+              f"{a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s, "
+              f"{r['communication_hidden_share']:.0%} of it behind the backward pass",
               "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
               f"  host RAM, data path        {format_host_memory(r['host_ram_data_per_node'])}",
               "", "  assumptions (override with --set NAME=VALUE): "

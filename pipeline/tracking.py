@@ -51,7 +51,8 @@ def tracking_unavailable(uri: str) -> str | None:
         folder = Path(rest[1:] if scheme == "sqlite" else rest).parent  # sqlite:///x.db is relative, ////x.db not
         if not folder.is_dir():
             return f"run.tracking_uri {uri}: folder '{folder}' does not exist"
-    elif scheme not in ("http", "https", "databricks", "file", "sqlite", "postgresql", "mysql", "mssql") and "://" in uri:
+    elif "://" in uri and scheme not in ("http", "https", "databricks", "file", "sqlite", "postgresql", "mysql",
+                                         "mssql"):
         return f"run.tracking_uri {uri}: MLflow cannot track to a '{scheme}' URI"
     return None
 

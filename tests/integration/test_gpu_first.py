@@ -64,8 +64,8 @@ def test_wheels_install_offline_and_the_tiny_form_runs_every_phase(tmp_path):
     assert missing.returncode != 0  # the bare environment is really bare
 
     results = tmp_path / "gpu_first.jsonl"
-    run = subprocess.run([str(python), "benchmarks/gpu_first.py", "--device", "cpu", "--tiny", "--results", str(results)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([str(python), "benchmarks/gpu_first.py", "--device", "cpu", "--tiny", "--results",
+                          str(results)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     records = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["phase"] for r in records] == PHASES, run.stdout[-3000:] + run.stderr[-3000:]
     failed = {r["phase"]: r for r in records if not r["ok"]}

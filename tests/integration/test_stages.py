@@ -202,9 +202,13 @@ def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(shards, broken)
     next(broken.glob("train-*.tar")).unlink()
-    train = lambda *extra: ("launch/train.py", *train_args(shards, out, "mistake", "run.tracking_uri=none", *extra))  # noqa: E731
-    evaluate = ("launch/evaluate.py", "--config", "configs/demo/evaluate.yaml", "--checkpoint", str(stages["out"] / "pre"),
-                f"data.eval_shards={shards}/val.json", f"run.output_dir={out}", "run.tracking_uri=none")
+
+    def train(*extra):
+        return ("launch/train.py", *train_args(shards, out, "mistake", "run.tracking_uri=none", *extra))
+
+    evaluate = ("launch/evaluate.py", "--config", "configs/demo/evaluate.yaml", "--checkpoint",
+                str(stages["out"] / "pre"), f"data.eval_shards={shards}/val.json", f"run.output_dir={out}",
+                "run.tracking_uri=none")
     mistakes = {
         "mistyped key": (train("optim.lrr=1e-3"), "did you mean 'optim.lr'"),
         "bad value": (train("optim.lr=fast"), "optim.lr"),
@@ -229,11 +233,12 @@ def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
 
 def test_overrides_are_taken_before_and_after_the_checkpoint(stages, tmp_path):
     """launch/evaluate.py --config X OVERRIDE --checkpoint RUN OVERRIDE: both take effect."""
+    from tests.helpers import launch_env
+
     result = subprocess.run([sys.executable, "launch/evaluate.py", "--config", "configs/demo/evaluate.yaml",
                              f"run.output_dir={tmp_path}", "--checkpoint", str(stages["out"] / "pre"),
                              "run.name=late", "run.tracking_uri=none", f"data.eval_shards={stages['shards']}/val.json",
                              "model.pre_logits=32", "model.image_size=8", "data.num_workers=0"],
-                            cwd=ROOT, env=dict(__import__("tests.helpers", fromlist=["launch_env"]).launch_env()),
-                            capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "late/report.json").read_text())["num_samples"] > 0

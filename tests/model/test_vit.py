@@ -198,7 +198,8 @@ def test_compiled_blocks_share_two_graphs_with_stochastic_depth():
     eager(images).logsumexp(-1).sum().backward()
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert counters["frames"]["total"] == counters["frames"]["ok"], dict(counters["frames"])
-    assert not any("recompile" in reason.lower() for reason in counters["unimplemented"]), dict(counters["unimplemented"])
+    fallbacks = [reason for reason in counters["unimplemented"] if "recompile" in reason.lower()]
+    assert not fallbacks, fallbacks
     grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters())]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in grads)  # the same masks, eager or compiled
     torch._dynamo.reset()
