@@ -336,7 +336,7 @@ def inherit_chain(name: str | Path) -> list[Path]:
     while True:
         tree = yaml.load(path.read_text(), Loader=_Loader) or {}
         parent = tree.get("inherit") if isinstance(tree, dict) else None
-        if not parent or len(chain) > 32:
+        if not isinstance(parent, str) or not parent or len(chain) > 32:
             return chain
         path = (path.parent / parent).resolve()
         chain.append(path)
@@ -348,11 +348,13 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict, dict[str
         raise ConfigError(f"{path}: inherit cycle: {' -> '.join(map(str, chain + (path,)))}")
     try:
         tree = yaml.load(path.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(tree).__name__}")
     parent = tree.pop("inherit", None)
+    if parent is not None and not isinstance(parent, str):
+        raise ConfigError(f"{path}: inherit must name a file, got {parent!r}")
     merged: dict = {}
     origin: dict[str, str] = {}
     if parent:
@@ -398,7 +400,10 @@ def apply_override(tree: dict, origin: dict[str, str], override: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{CLI}: override '{override}': '{part}' is not a section")
-    node[leaf] = parse_scalar(text)
+    try:
+        node[leaf] = parse_scalar(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{CLI}: override '{override}': the value is not valid YAML ({e.problem or e})") from None
     origin[key] = CLI
 
 

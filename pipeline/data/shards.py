@@ -87,11 +87,18 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
         path = Path(spec)
         if not path.is_file():
             raise MissingInput(f"shard manifest '{spec}' not found (write shards with launch/make_shards.py)")
-        manifest = json.loads(path.read_text())
-        urls = [_relative_to(path.parent, u["url"]) for u in manifest["shards"]]
-        sizes = [u.get("num_bytes") for u in manifest["shards"]]
-        shards = ShardSet(urls, [u["num_samples"] for u in manifest["shards"]], manifest.get("classes", []), spec,
-                          sizes if None not in sizes else None)
+        try:
+            manifest = json.loads(path.read_text())
+            urls = [_relative_to(path.parent, u["url"]) for u in manifest["shards"]]
+            sizes = [u.get("num_bytes") for u in manifest["shards"]]
+            counts = [int(u["num_samples"]) for u in manifest["shards"]]
+            classes = list(manifest.get("classes", []))
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+            raise WrongInput(f"shard manifest '{spec}' is not one make_shards.py writes ({type(e).__name__}: {e}): "
+                             f"re-create it with launch/make_shards.py --index") from None
+        if any(count < 0 for count in counts):
+            raise WrongInput(f"shard manifest '{spec}' gives a negative sample count")
+        shards = ShardSet(urls, counts, classes, spec, sizes if None not in sizes else None)
     else:
         urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
         shards = ShardSet(urls, None, [], spec)
@@ -159,8 +166,14 @@ def _number(field: bytes) -> int:
 def _header_ok(header: bytes) -> bool:
     """Whether a 512-byte block is a tar header: its checksum field equals the sum of its bytes
     with that field as spaces (unsigned, or signed as some old tars have it)."""
-    checksum = _number(header[148:156])
+    try:
+        checksum = _number(header[148:156])
+    except ValueError:  # not octal: not a header
+        return False
     return checksum == sum(header) - sum(header[148:156]) + 256 or checksum in tarfile.calc_chksums(header)
+
+
+MAX_EXTENDED_HEADER = 2**20  # a pax or GNU long-name record; real ones are a few hundred bytes
 
 
 def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
@@ -170,12 +183,22 @@ def _tar_entries(path: str) -> Iterator[tuple[str, int, int, int]]:
     first header is its first extended header, if it has any: a read from there is a valid tar."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        offset, first, long_name = 0, None, None
+        offset, first, long_name, end = 0, None, None, os.fstat(fd).st_size
         while len(header := os.pread(fd, tarfile.BLOCKSIZE, offset)) == tarfile.BLOCKSIZE and any(header):
             if not _header_ok(header):
                 raise tarfile.ReadError(f"{path}: bad tar header checksum at byte {offset}")
-            size, kind = _number(header[124:136]), header[156:157]
+            try:
+                size, kind = _number(header[124:136]), header[156:157]
+            except ValueError:
+                raise tarfile.ReadError(f"{path}: unreadable size in the tar header at byte {offset}") from None
             data = offset + tarfile.BLOCKSIZE
+            # A header is the shard's word only as far as the shard goes: nothing past its end is
+            # read, and no buffer of a size it merely claims is allocated.
+            if size < 0 or data + size > end:
+                raise tarfile.ReadError(f"{path}: the member at byte {offset} claims {size:,} bytes, past the "
+                                        f"shard's end ({end:,} bytes)")
+            if kind in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME) and size > MAX_EXTENDED_HEADER:
+                raise tarfile.ReadError(f"{path}: an extended header of {size:,} bytes at byte {offset}")
             first = offset if first is None else first
             if kind == tarfile.XHDTYPE:
                 records = os.pread(fd, size, data).decode("utf-8", "surrogateescape")
