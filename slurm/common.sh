@@ -49,6 +49,30 @@ print(tracking_uri(load_config(sys.argv[1], sys.argv[2:]).run.tracking_uri))' "$
   esac
 }
 
+# seconds D-HH:MM:SS|HH:MM:SS|MM:SS: squeue's time format in seconds; fails on UNLIMITED.
+seconds() {
+  local t=$1 days=0 total=0 part
+  [[ $t =~ ^[0-9:-]+$ ]] || return 1
+  if [[ $t == *-* ]]; then days=${t%%-*}; t=${t#*-}; fi
+  IFS=: read -ra parts <<< "$t"
+  for part in "${parts[@]}"; do total=$((total * 60 + 10#$part)); done
+  echo $((days * 86400 + total))
+}
+
+# signal_before_limit: SIGUSR1 to every rank (scancel --signal: the job's steps, not this shell)
+# ahead of the time limit by 10% of the limit, at most 600 s, so that the ranks save and the job
+# is requeued. A fixed #SBATCH --signal=USR1@600 fires at once in a job of 10 minutes or less.
+# Prints the timer's pid (none for a job without a limit).
+signal_before_limit() {
+  local left limit lead
+  left=$(seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L)") || return 0
+  limit=$(seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %l)") || return 0
+  lead=$((limit / 10 < 600 ? limit / 10 : 600))
+  echo "[$(date -Is)] time limit ${limit} s, ${left} s left: SIGUSR1 to the ranks ${lead} s before it" >&2
+  (sleep $((left > lead ? left - lead : 0)) && scancel --signal=USR1 "$SLURM_JOB_ID") > /dev/null 2>&1 &
+  echo $!
+}
+
 # run_stage SCRIPT DEFAULT_CONFIG [CONFIG] [key=value ...]
 run_stage() {
   local script=$1 config=$2
@@ -63,8 +87,11 @@ run_stage() {
   # when the first exits 75.
   export VIT_PREEMPTED_FILE="$REPO/logs/.preempted-$SLURM_JOB_ID"
   rm -f "$VIT_PREEMPTED_FILE"
+  local timer
+  timer=$(signal_before_limit)
   # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others hanging.
   srun --kill-on-bad-exit=1 "${SRUN_BINDING[@]}" "$PYTHON" "launch/$script" --config "$config" "$@" || status=$?
+  [ -n "$timer" ] && kill "$timer" 2> /dev/null
   if [ "$status" -eq "$EXIT_PREEMPTED" ] || [ -f "$VIT_PREEMPTED_FILE" ]; then
     rm -f "$VIT_PREEMPTED_FILE"
     echo "[$(date -Is)] preempted (what was worth keeping is saved): requeueing job $SLURM_JOB_ID"

@@ -7,8 +7,7 @@
 # decode workers + the rank itself
 #SBATCH --cpus-per-task=14
 #SBATCH --time=24:00:00
-# SIGUSR1 to every rank 10 min before the limit: save, exit 75
-#SBATCH --signal=USR1@600
+# SIGUSR1 to every rank before the limit (slurm/common.sh: 10% of it, at most 10 min): save, exit 75
 # and come back to resume the checkpoint and MLflow run
 #SBATCH --requeue
 # a requeued job appends to its log

@@ -94,3 +94,27 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
     assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "train.json").read_text())["num_samples"]
+
+
+def test_a_short_job_trains_before_its_signal(slurm_cluster, digits_shards, tmp_path):
+    """sbatch --time=2: the signal comes 12 s before the limit (10% of it), not at once as a fixed
+    USR1@600 would, so the job trains well past step 1 before its first save, exits 75 and is
+    requeued (then cancelled here)."""
+    (tmp_path / "logs").mkdir()
+    overrides = demo_overrides(digits_shards, tmp_path, 100000) + ["train.checkpoint_every=100000"]
+    resources = [r if not r.startswith("--time") else "--time=2" for r in RESOURCES]
+    submitted = subprocess.run(["sbatch", "--parsable", *resources, str(ROOT / "slurm/pretrain.sh"),
+                                str(ROOT / "configs/demo/pretrain.yaml"), *overrides],
+                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
+    job = submitted.stdout.strip().split(";")[0]
+    log_path = tmp_path / "logs" / f"vit-pretrain-{job}.out"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (log_path.exists() and "requeueing job" in read_log(log_path)):
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=slurm_cluster, check=False)
+    log_text = read_log(log_path) if log_path.exists() else "(no log)"
+    assert "requeueing job" in log_text, log_text[-3000:]
+    assert "time limit 120 s" in log_text and "12 s before it" in log_text, log_text[-3000:]
+    saved = sorted((tmp_path / "demo-pretrain/checkpoints").glob("step*"))
+    assert saved, log_text[-3000:]
+    assert int(saved[0].name.removeprefix("step")) > 1, f"first save at {saved[0].name}"
