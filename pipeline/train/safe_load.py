@@ -20,7 +20,8 @@ from pipeline.errors import UserError
 # What a DeepSpeed 0.19 checkpoint of this pipeline holds besides tensors and containers (found
 # with torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 checkpoints): the loss
 # scaler, ZeRO's stage enum and the BF16 optimizer's fragment addresses in the optimizer states,
-# numpy arrays in the client state (numpy's RNG state).
+# numpy arrays in the client state (numpy's RNG state: a uint32 array, whose dtype class the
+# unpickler builds without naming it as a global).
 ALLOWED = (
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.zero.config.ZeroStageEnum",
@@ -28,6 +29,7 @@ ALLOWED = (
     "numpy._core.multiarray._reconstruct",
     "numpy.ndarray",
     "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
 )
 
 
