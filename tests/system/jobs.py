@@ -34,3 +34,21 @@ def wait_for_end(cluster_env, job: str, deadline: float, client=here) -> dict:
             "COMPLETED", "FAILED", "CANCELLED"):
         time.sleep(2)
     return job_state(cluster_env, job, client)
+
+
+def submit(cluster_env, cwd, resources: list[str], stage: str, config: str, overrides: list[str]):
+    """``sbatch slurm/STAGE.sh CONFIG OVERRIDES`` without waiting: the job id and its log's path."""
+    submitted = subprocess.run(["sbatch", "--parsable", *resources, str(ROOT / f"slurm/{stage}.sh"),
+                                str(ROOT / config), *overrides],
+                               cwd=cwd, env=job_env(cluster_env), capture_output=True, text=True, timeout=60)
+    job = submitted.stdout.strip().split(";")[0]
+    return job, cwd / "logs" / f"vit-{stage}-{job}.out"
+
+
+def wait_for_log(path, text: str, deadline: float, poll: float) -> bool:
+    """Whether ``text`` appeared in the log at ``path`` before ``deadline``."""
+    from tests.helpers import read_log
+
+    while time.time() < deadline and not (path.exists() and text in read_log(path)):
+        time.sleep(poll)
+    return path.exists() and text in read_log(path)

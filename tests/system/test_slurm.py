@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import ROOT, metrics, read_log
-from tests.system.jobs import demo_overrides, job_env, wait_for_end
+from tests.system.jobs import demo_overrides, job_env, submit, wait_for_end, wait_for_log
 
 pytestmark = pytest.mark.system
 
@@ -78,15 +78,9 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     overrides = [f"run.output_dir={tmp_path}", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                  f"data.eval_shards={digits_shards}/train.json", "data.num_workers=1", "eval.micro_batch_size=1",
                  f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=32"]
-    submitted = subprocess.run(["sbatch", "--parsable", *RESOURCES, str(ROOT / "slurm/evaluate.sh"),
-                                str(ROOT / "configs/demo/evaluate.yaml"), *overrides],
-                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
-    job = submitted.stdout.strip().split(";")[0]
-    log_path = tmp_path / "logs" / f"vit-evaluate-{job}.out"
+    job, log_path = submit(slurm_cluster, tmp_path, RESOURCES, "evaluate", "configs/demo/evaluate.yaml", overrides)
     deadline = time.time() + 600
-    while time.time() < deadline and not (log_path.exists() and "batch/s" in read_log(log_path)):
-        time.sleep(0.5)
-    assert log_path.exists() and "batch/s" in read_log(log_path), "evaluation did not start"
+    assert wait_for_log(log_path, "batch/s", deadline, poll=0.5), "evaluation did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
     final, log_text = wait_for_end(slurm_cluster, job, deadline), read_log(log_path)
     assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
@@ -103,14 +97,8 @@ def test_a_short_job_trains_before_its_signal(slurm_cluster, digits_shards, tmp_
     (tmp_path / "logs").mkdir()
     overrides = demo_overrides(digits_shards, tmp_path, 100000) + ["train.checkpoint_every=100000"]
     resources = [r if not r.startswith("--time") else "--time=2" for r in RESOURCES]
-    submitted = subprocess.run(["sbatch", "--parsable", *resources, str(ROOT / "slurm/pretrain.sh"),
-                                str(ROOT / "configs/demo/pretrain.yaml"), *overrides],
-                               cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=60)
-    job = submitted.stdout.strip().split(";")[0]
-    log_path = tmp_path / "logs" / f"vit-pretrain-{job}.out"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (log_path.exists() and "requeueing job" in read_log(log_path)):
-        time.sleep(1)
+    job, log_path = submit(slurm_cluster, tmp_path, resources, "pretrain", "configs/demo/pretrain.yaml", overrides)
+    wait_for_log(log_path, "requeueing job", time.time() + 300, poll=1)
     subprocess.run(["scancel", job], env=slurm_cluster, check=False)
     log_text = read_log(log_path) if log_path.exists() else "(no log)"
     assert "requeueing job" in log_text, log_text[-3000:]
