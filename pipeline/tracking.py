@@ -29,6 +29,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
+MODEL_IS_EXTERNAL = "mlflow.model.isExternal"  # a LoggedModel whose files MLflow does not hold
 TRACKING_OFF = "none"  # run.tracking_uri (or $MLFLOW_TRACKING_URI): no MLflow, not even imported
 
 
@@ -137,11 +138,15 @@ class Tracker:
         self.enabled = enabled and uri != TRACKING_OFF
         self.run_id = run_id
         self.parent_id: str | None = None
+        self.registered: tuple[str, str] | None = None  # (name, version) of the model registered by log_model
         self.undelivered = 0
         if not self.enabled:
             return
         self.uri, self.experiment, self.run_name, self.tags = uri, experiment, run_name, tags
         self.pipeline = pipeline
+        self.experiment_id: str | None = None
+        self.model_dataset: dict[str, str] | None = None  # what checkpoints' validation metrics are measured on
+        self._checkpoint_models: dict[int, str] = {}  # step -> LoggedModel id, on the tracker thread
         self.max_backoff_s = max_backoff_s
         self._queue: queue.Queue = queue.Queue()
         self._client = None
@@ -178,6 +183,21 @@ class Tracker:
     def log_datasets(self, datasets: list[dict[str, str]]) -> None:
         """Dataset inputs of the run (:func:`describe_shards`): the Dataset column of the UI."""
         self._put("inputs", datasets)
+
+    def log_checkpoint(self, step: int, path: Path, kept: list[Path]) -> None:
+        """The checkpoint at ``path`` as an MLflow LoggedModel of this run (its step, the
+        directory as an external location, the run's stage and pipeline tags); the ``val/*``
+        and ``val_ema/*`` metrics logged later at ``step`` are linked to it, on
+        :attr:`model_dataset`. This run's checkpoint models that are not in ``kept`` (pruned by
+        ``train.keep_checkpoints``) are tagged ``checkpoint_state=pruned``."""
+        self._put("checkpoint", (step, str(path), [str(p) for p in kept]))
+
+    def log_model(self, path: Path, metrics: dict[str, float], *, register: str | None = None) -> None:
+        """The MLflow model saved at ``path`` (:func:`pipeline.serving.save_pyfunc`) as a
+        LoggedModel of this run, with ``metrics`` linked to it on :attr:`model_dataset`; with
+        ``register``, a new version of that registered model, tagged with the pipeline and the
+        git commit."""
+        self._put("model", (str(path), metrics, register))
 
     def close(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
         """End the run, waiting up to ``timeout`` s for queued records; reports what was not sent."""
@@ -230,7 +250,9 @@ class Tracker:
         if self.run_id is not None:  # resuming: mark the run (and its pipeline's) running again
             try:
                 client.update_run(self.run_id, status="RUNNING")
-                self.parent_id = client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+                run = client.get_run(self.run_id)
+                self.parent_id = run.data.tags.get("mlflow.parentRunId")
+                self.experiment_id = run.info.experiment_id
                 if self.parent_id:
                     client.update_run(self.parent_id, status="RUNNING")
             except MlflowException as e:
@@ -248,6 +270,7 @@ class Tracker:
             if self.pipeline:
                 self.parent_id = tags["mlflow.parentRunId"] = self._parent_run(experiment_id)
             self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
+            self.experiment_id = experiment_id
         self._started.set()
 
     def _parent_run(self, experiment_id: str) -> str:
@@ -262,7 +285,7 @@ class Tracker:
         return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
     def _send(self, kind: str, payload: Any) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Param, RunTag
 
         client, run_id = self._client, self.run_id
         if kind == "start":
@@ -277,7 +300,13 @@ class Tracker:
                         raise
         elif kind == "metrics":
             metrics, step, timestamp = payload
-            client.log_batch(run_id, metrics=[Metric(k, v, timestamp, step) for k, v in metrics.items()])
+            model_id = self._checkpoint_models.get(step)
+            client.log_batch(run_id, metrics=[self._metric(k, v, timestamp, step, model_id if k.startswith("val") else None)
+                                              for k, v in metrics.items()])
+        elif kind == "checkpoint":
+            self._send_checkpoint(*payload)
+        elif kind == "model":
+            self._send_model(*payload)
         elif kind == "text":
             client.log_text(run_id, *payload)
         elif kind == "artifact":
@@ -293,3 +322,53 @@ class Tracker:
             client.set_terminated(run_id, status=payload)
             if self.parent_id:
                 client.set_terminated(self.parent_id, status=payload)
+
+    def _metric(self, key: str, value: float, timestamp: int, step: int, model_id: str | None):
+        from mlflow.entities import Metric
+
+        dataset = self.model_dataset if model_id else None
+        return Metric(key, value, timestamp, step, model_id=model_id,
+                      dataset_name=dataset["name"] if dataset else None, dataset_digest=dataset["digest"] if dataset else None)
+
+    def _send_checkpoint(self, step: int, path: str, kept: list[str]) -> None:
+        from mlflow.entities import LoggedModelOutput
+
+        client = self._client
+        models = client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
+                                             max_results=1000)  # a retried request finds what it made
+        found = next((m for m in models if m.tags.get("checkpoint") == path), None)
+        if found is None:
+            tags = {MODEL_IS_EXTERNAL: "true", "checkpoint": path, "checkpoint_state": "kept",
+                    **{k: self.tags[k] for k in ("stage", "pipeline") if k in self.tags}}
+            found = client.create_logged_model(self.experiment_id, name=Path(path).name, source_run_id=self.run_id,
+                                               tags=tags, params={"step": str(step)}, model_type="checkpoint")
+            client.finalize_logged_model(found.model_id, "READY")
+            client.log_outputs(self.run_id, [LoggedModelOutput(found.model_id, step=step)])
+        self._checkpoint_models[step] = found.model_id
+        for model in models:
+            if model.tags.get("checkpoint") not in kept and model.tags.get("checkpoint_state") != "pruned":
+                client.set_logged_model_tags(model.model_id, {"checkpoint_state": "pruned"})
+
+    def _send_model(self, path: str, metrics: dict[str, float], register: str | None) -> None:
+        from mlflow.entities import LoggedModelOutput
+
+        client, now = self._client, int(time.time() * 1000)
+        tags = {k: self.tags[k] for k in ("stage", "pipeline", "git_commit") if k in self.tags}
+        model = client.create_logged_model(self.experiment_id, name="model", source_run_id=self.run_id, tags=tags,
+                                           model_type="pyfunc")
+        client.log_model_artifacts(model.model_id, path)
+        client.finalize_logged_model(model.model_id, "READY")
+        client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+        client.log_batch(self.run_id, metrics=[self._metric(k, v, now, 0, model.model_id) for k, v in metrics.items()])
+        if register:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client.create_registered_model(register)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            version = client.create_model_version(register, source=model.artifact_location, run_id=self.run_id,
+                                                  tags={k: v for k, v in tags.items() if k != "stage"},
+                                                  model_id=model.model_id)
+            self.registered = (register, version.version)

@@ -134,3 +134,58 @@ def test_tracking_off_never_starts_mlflow():
     tracker.log_metrics({"loss": 1.0}, step=1)
     assert not tracker.enabled and tracker.wait_started(timeout=60) is None
     tracker.close()
+
+
+def test_checkpoints_are_logged_models_with_their_validation_and_pruning(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tags = {"stage": "pretrain", "pipeline": "p1", "git_commit": "abc", "slurm_job_id": "none"}
+    tracker = Tracker(uri=uri, experiment="exp", run_name="r", tags=tags)
+    tracker.model_dataset = {"name": "digits/val", "digest": "0123456789"}
+    run_id = tracker.wait_started(timeout=60)
+    steps = [10, 20, 30]
+    for step in steps:
+        kept = [tmp_path / f"step{s:08d}" for s in steps if step - 10 <= s <= step]  # keep_checkpoints: 2
+        tracker.log_checkpoint(step, tmp_path / f"step{step:08d}", kept)
+        tracker.log_metrics({"val/top1": step / 100, "loss": 1.0}, step=step)
+    tracker.log_metrics({"val/top1": 0.9}, step=35)  # no checkpoint at this step: linked to none
+    tracker.close()
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("exp").experiment_id
+    models = client.search_logged_models([experiment], order_by=[{"field_name": "metrics.val/top1", "ascending": False}])
+    assert [m.name for m in models] == ["step00000030", "step00000020", "step00000010"], "ranked by val/top1"
+    for model, step in zip(models, [30, 20, 10]):
+        assert model.source_run_id == run_id and model.params == {"step": str(step)} and model.status.name == "READY"
+        assert model.tags["checkpoint"] == str(tmp_path / f"step{step:08d}") and model.tags["mlflow.model.isExternal"] == "true"
+        assert model.tags["stage"] == "pretrain" and model.tags["pipeline"] == "p1" and model.model_type == "checkpoint"
+        assert [(m.key, m.value, m.step, m.dataset_name) for m in model.metrics] == [("val/top1", step / 100, step, "digits/val")]
+    assert [m.tags["checkpoint_state"] for m in models] == ["kept", "kept", "pruned"]
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert sorted(o.step for o in outputs) == steps
+    assert [m.step for m in client.get_metric_history(run_id, "val/top1")] == [10, 20, 30, 35]
+
+
+def test_the_evaluated_model_is_logged_and_registered(tmp_path):
+    """What the tracker does with a saved model (the real pyfunc model: tests/test_serving.py,
+    and through the evaluation stage: tests/system/test_mlflow_server.py)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "MLmodel").write_text("flavors: {}\n")
+    tags = {"stage": "evaluate", "pipeline": "p1", "git_commit": "abc123", "slurm_job_id": "none"}
+    for _ in range(2):  # two evaluations: two versions of one registered model
+        tracker = Tracker(uri=uri, experiment="exp", run_name="e", tags=tags)
+        tracker.model_dataset = {"name": "digits/val", "digest": "0123456789"}
+        run_id = tracker.wait_started(timeout=60)
+        tracker.log_model(model_dir, {"top1": 0.75, "loss": 0.5}, register="vit-demo")
+        tracker.close()
+        assert tracker.registered[0] == "vit-demo"
+    client = MlflowClient(uri)
+    assert sorted(int(v.version) for v in client.search_model_versions("name = 'vit-demo'")) == [1, 2]
+    version = client.get_model_version("vit-demo", "2")
+    assert version.run_id == run_id and version.tags == {"pipeline": "p1", "git_commit": "abc123"}
+    # MLflow's own store records the version's source (the model's artifacts), not its model_id
+    models = client.search_logged_models([client.get_experiment_by_name("exp").experiment_id])
+    model = next(m for m in models if m.artifact_location == version.source)
+    assert model.source_run_id == run_id and model.model_type == "pyfunc" and model.status.name == "READY"
+    assert {(m.key, m.value, m.dataset_name) for m in model.metrics} == {("top1", 0.75, "digits/val"), ("loss", 0.5, "digits/val")}
+    assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]
