@@ -214,8 +214,10 @@ class EvalConfig(Section):
     checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate; {output_dir}/NAME is the run NAME under run.output_dir.")
     micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass (also validation during training).")
     use_ema: bool = Field(False, description="Evaluate the checkpoint's EMA weights (its run set train.ema_decay).")
-    log_model: bool = Field(False, description="Log the evaluated weights (safetensors for timm, and model.json) "
-                            "as artifacts of the evaluation run, under model/ (ViT-H/14: 2.5 GB).")
+    log_model: bool = Field(False, description="Log the evaluated weights as an MLflow model of the evaluation run "
+                            "(pyfunc: safetensors for timm, model.json, class names; ViT-H/14: 2.5 GB).")
+    register_model: str | None = Field(None, description="Register the evaluated model (logged as eval.log_model does) "
+                                       "in MLflow's Model Registry under this name, as a new version.")
 
 
 class Config(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, re
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri
 from pipeline.train import signals
 from pipeline.errors import MissingInput, WrongInput
-from pipeline.train.consolidate import build_model, checkpoint_dir, export_checkpoint
+from pipeline.train.consolidate import build_model, checkpoint_dir, read_pretrained
 from pipeline.train.distributed import DistEnv, StepAgreement, rank_device
 
 log = logging.getLogger(__name__)
@@ -188,28 +189,51 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker = Tracker(uri=tracking_uri(config.run.tracking_uri), experiment=config.run.experiment,
                       run_name=config.run.name, tags=stage_tags(config, "evaluate"), pipeline=pipeline_id(config))
     report["mlflow_run_id"] = tracker.wait_started(timeout=20.0)
-    tracker.log_datasets([describe_shards(config.data.eval_shards, "evaluation")])
+    dataset = describe_shards(config.data.eval_shards, "evaluation")
+    tracker.log_datasets([dataset])
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     tracker.log_params({**config.flat(), "eval.source": report["checkpoint"]})
     tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
     tracker.log_artifact(run_dir / "report.json")
-    if config.eval.log_model and tracker.enabled:
-        for path in model_files(report["checkpoint"], run_dir / "model", ema=report["ema"]):
-            tracker.log_artifact(path, "model")
+    if (config.eval.log_model or config.eval.register_model) and tracker.enabled:
+        tracker.model_dataset = dataset
+        path = mlflow_model(config, report, classes, run_dir / "mlflow_model")
+        tracker.log_model(path, {k: report[k] for k in ("top1", "top5", "loss", "ece")},
+                          register=config.eval.register_model)
     if tally.confusion is not None:
         png = run_dir / "confusion_matrix.png"
         plot_confusion(tally.confusion.cpu(), classes, png)
         tracker.log_artifact(png)
     tracker.close()
+    if tracker.registered:
+        log.info("registered as MLflow model %s version %s (models:/%s/%s)", *tracker.registered, *tracker.registered)
 
 
-def model_files(source: str, out_dir: Path, ema: bool = False) -> list[Path]:
-    """The evaluated weights as files a reviewer fetches from the run: a .safetensors source with
-    its .json, or a checkpoint exported to ``out_dir/model.safetensors`` and ``model.json``."""
-    if source.endswith(".safetensors"):
-        return [p for p in (Path(source), Path(source).with_suffix(".json")) if p.is_file()]
-    out, config_path, _ = export_checkpoint(source, out_dir / "model.safetensors", ema=ema)
-    return [out, config_path]
+EXAMPLES = 2  # images of the evaluation shards in the MLflow model's input example
+
+
+def mlflow_model(config: Config, report: dict, classes: list[str], out: Path) -> Path:
+    """The weights evaluated (as the evaluation read them: its resolution, EMA or not) as an
+    MLflow pyfunc model at ``out/model`` (:mod:`pipeline.serving`), with the first images of the
+    evaluation shards as its input example."""
+    from pipeline.data.shards import shard_samples
+    from pipeline.data.stream import IMAGE_KEYS
+    from pipeline.model import vit_from_config
+    from pipeline.model.weights import export_safetensors
+    from pipeline.serving import save_pyfunc, write_model_folder
+
+    shutil.rmtree(out, ignore_errors=True)
+    state = read_pretrained(report["checkpoint"], config.model, same_head=True, ema=report["ema"])
+    with torch.device("meta"):
+        model = vit_from_config(config.model)
+    weights, timm_json = export_safetensors({k: v.contiguous() for k, v in state.items()}, model,
+                                            out / "export" / "model.safetensors", keep_pre_logits=True)
+    folder = write_model_folder(out / "weights", weights, None if config.model.pre_logits else timm_json, config,
+                                classes)
+    shutil.rmtree(out / "export")
+    samples = shard_samples(resolve_shards(config.data.eval_shards).urls[0], count=EXAMPLES)
+    examples = [next(s[k] for k in IMAGE_KEYS if k in s) for s in samples]
+    return save_pyfunc(out / "model", folder, examples)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:

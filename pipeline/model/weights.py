@@ -89,15 +89,17 @@ def timm_config(model: VisionTransformer) -> dict:
     }
 
 
-def export_safetensors(state: dict[str, torch.Tensor], model: VisionTransformer, out: str | Path) -> tuple[Path, Path]:
+def export_safetensors(state: dict[str, torch.Tensor], model: VisionTransformer, out: str | Path,
+                       keep_pre_logits: bool = False) -> tuple[Path, Path]:
     """Write weights that timm's ``VisionTransformer`` loads with ``strict=True`` (a pre-logits
-    layer, which timm lacks, is dropped along with the head it feeds), and ``out.json`` with the
-    timm arguments."""
+    layer, which timm lacks, is dropped along with the head it feeds, unless ``keep_pre_logits``:
+    then the file is the whole model, for this pipeline), and ``out.json`` with the timm
+    arguments."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     config = timm_config(model)
-    if PRE_LOGITS_KEYS[0] in state:
+    if PRE_LOGITS_KEYS[0] in state and not keep_pre_logits:
         for key in PRE_LOGITS_KEYS + HEAD_KEYS:
             state.pop(key, None)
         config["num_classes"] = 0

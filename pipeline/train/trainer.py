@@ -235,8 +235,10 @@ class Trainer:
             self.system_metrics = start_system_metrics(uri, tracker.run_id, c.run.system_metrics_interval,
                                                        resume=run_id is not None)
         if self.is_main:
-            tracker.log_datasets([describe_shards(spec, context) for spec, context in
-                                  ((c.data.train_shards, "training"), (c.data.eval_shards, "evaluation")) if spec])
+            datasets = {context: describe_shards(spec, context) for spec, context in
+                        ((c.data.train_shards, "training"), (c.data.eval_shards, "evaluation")) if spec}
+            tracker.log_datasets(list(datasets.values()))
+            tracker.model_dataset = datasets.get("evaluation")  # what checkpoints' val/* metrics measure
             tracker.log_params(c.flat())
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
@@ -440,8 +442,13 @@ class Trainer:
             seed_everything(self.config.run.seed + 1000 * self.env.rank + self.step)
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config),
+        """Save a checkpoint (collective); rank 0 logs it as an MLflow LoggedModel, and marks the
+        ones pruned, through the tracker's queue."""
+        path = self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config),
                                      extra=self.ema.save if self.ema is not None else None)
+        if self.is_main:
+            self.tracker.log_checkpoint(self.step, path, ckpt.complete_checkpoints(self.checkpoints.directory))
+        return path
 
     def close(self, status: str = "FINISHED") -> None:
         if getattr(self, "system_metrics", None) is not None:

@@ -71,8 +71,18 @@ def test_evaluation_counts_every_sample_once_on_two_ranks(stages):
     runs = {r.data.tags["stage"]: r for r in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == ["evaluate", "finetune", "pipeline", "pretrain"]
     assert runs["evaluate"].data.metrics["top1"] == pytest.approx(report["top1"])
-    model = {a.path: a.file_size for a in client.list_artifacts(runs["evaluate"].info.run_id, "model")}
-    assert set(model) == {"model/model.safetensors", "model/model.json"} and model["model/model.safetensors"] > 10_000
+    models = client.search_logged_models([experiment.experiment_id])
+    evaluated = [m for m in models if m.source_run_id == runs["evaluate"].info.run_id]
+    assert len(evaluated) == 1 and evaluated[0].model_type == "pyfunc", "eval.log_model: the weights, as a model"
+    files = {a.path: a.file_size for a in client.list_logged_model_artifacts(evaluated[0].model_id, "data/weights")}
+    assert set(files) == {f"data/weights/{f}" for f in ("model.safetensors", "model.json", "classifier.json")}
+    assert files["data/weights/model.safetensors"] > 10_000
+    assert {m.key: m.value for m in evaluated[0].metrics}["top1"] == pytest.approx(report["top1"])
+    for stage in ("pretrain", "finetune"):  # every kept checkpoint is a LoggedModel of its run, with its step
+        kept = [m for m in models if m.source_run_id == runs[stage].info.run_id]
+        on_disk = checkpoint_dir(out / ("pre" if stage == "pretrain" else "ft"))
+        assert [(m.tags["checkpoint"], m.params["step"]) for m in kept] == [(str(on_disk),
+                                                                            str(int(on_disk.name[4:])))], stage
     assert {r.data.tags["pipeline"] for r in runs.values()} == {"stages-test"}
     parent = runs.pop("pipeline")
     assert parent.info.run_name == "stages-test" and parent.info.status == "FINISHED"
