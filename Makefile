@@ -34,9 +34,10 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/finetune.yaml && \
 	echo "== 3/3 evaluate on the held-out digits" && \
 	$(DEEPSPEED) --num_gpus 2 launch/evaluate.py --config configs/demo/evaluate.yaml
-	@$(PY) -c "import json; r = json.load(open('runs/demo/demo-evaluate/report.json')); \
-	print(f\"\nDemo done: held-out top-1 {r['top1']:.4f} on {r['num_samples']} digits at 16 px.\")"
-	@echo "View the three runs:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+	@$(PY) -c "import json; from pipeline.tracking import ui_url; r = json.load(open('runs/demo/demo-evaluate/report.json')); \
+	print(f\"\nDemo done: held-out top-1 {r['top1']:.4f} on {r['num_samples']} digits at 16 px, registered as vit-demo.\"); \
+	print('Review it:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000'); \
+	print('      then open ' + ui_url('sqlite:///mlflow.db', r['mlflow_experiment_id']))"
 
 gpu-check: install  ## on a GPU machine: benchmarks/gpu_first.py, every phase in 7 minutes, into gpu_first.jsonl
 	$(PY) benchmarks/gpu_first.py --results gpu_first.jsonl

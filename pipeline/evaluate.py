@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, resolve_shards
-from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri
+from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri, ui_url
 from pipeline.train import signals
 from pipeline.errors import MissingInput, WrongInput
 from pipeline.train.consolidate import build_model, checkpoint_dir, read_pretrained
@@ -189,6 +189,7 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker = Tracker(uri=tracking_uri(config.run.tracking_uri), experiment=config.run.experiment,
                       run_name=config.run.name, tags=stage_tags(config, "evaluate"), pipeline=pipeline_id(config))
     report["mlflow_run_id"] = tracker.wait_started(timeout=20.0)
+    report["mlflow_experiment_id"] = tracker.experiment_id if tracker.enabled else None
     dataset = describe_shards(config.data.eval_shards, "evaluation")
     tracker.log_datasets([dataset])
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -207,6 +208,8 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker.close()
     if tracker.registered:
         log.info("registered as MLflow model %s version %s (models:/%s/%s)", *tracker.registered, *tracker.registered)
+    if report["mlflow_run_id"]:
+        log.info("review in MLflow: %s", ui_url(tracker.uri, report["mlflow_experiment_id"], report["mlflow_run_id"]))
 
 
 EXAMPLES = 2  # images of the evaluation shards in the MLflow model's input example

@@ -148,13 +148,13 @@ def save_pyfunc(path: Path, folder: Path, examples: list[bytes]) -> Path:
     (a few encoded images) as the input example."""
     import mlflow
     import pandas as pd
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     example = pd.DataFrame({"image": examples})
-    output = Classifier(folder).predict(example)
-    signature = infer_signature(example, output)
-    signature.inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)])
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
+        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"), ColSpec("double", "probability")]))
     mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(folder), signature=signature,
                              input_example=example, pip_requirements=requirements())
     return path

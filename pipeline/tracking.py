@@ -58,6 +58,16 @@ def tracking_unavailable(uri: str) -> str | None:
     return None
 
 
+def ui_url(uri: str, experiment_id: str | None, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or of one run) on its training view. MLflow 3.17 keeps
+    the choice between its GenAI and machine-learning views in the browser, so the address says
+    ``workflowType=machine_learning``. A server's UI is the server; a local store's is ``mlflow
+    ui`` on 127.0.0.1:5000."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = f"/runs/{run_id}" if run_id else ""
+    return f"{base}/#/experiments/{experiment_id}{page}?workflowType=machine_learning"
+
+
 def git_commit() -> str:
     """The commit of this code: $VIT_PIPELINE_GIT_COMMIT where set (the Docker image, from its
     GIT_COMMIT build argument: it has no .git), else ``git rev-parse HEAD``."""
@@ -147,6 +157,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self.model_dataset: dict[str, str] | None = None  # what checkpoints' validation metrics are measured on
         self._checkpoint_models: dict[int, str] = {}  # step -> LoggedModel id, on the tracker thread
+        self._logged_model: str | None = None  # the evaluated model, logged but not yet registered
         self.max_backoff_s = max_backoff_s
         self._queue: queue.Queue = queue.Queue()
         self._client = None
@@ -239,8 +250,10 @@ class Tracker:
 
     def _ensure_run(self) -> None:
         if self._client is None:
+            import mlflow
             from mlflow.tracking import MlflowClient
 
+            mlflow.set_tracking_uri(self.uri)  # where MLflow's own helpers (register_model) look models up
             self._client = MlflowClient(self.uri)
         if self.run_id is not None and self._started.is_set():
             return
@@ -350,25 +363,23 @@ class Tracker:
                 client.set_logged_model_tags(model.model_id, {"checkpoint_state": "pruned"})
 
     def _send_model(self, path: str, metrics: dict[str, float], register: str | None) -> None:
+        """Log, then register: a retry after a failed registration does not log the model again."""
+        import mlflow
         from mlflow.entities import LoggedModelOutput
 
         client, now = self._client, int(time.time() * 1000)
         tags = {k: self.tags[k] for k in ("stage", "pipeline", "git_commit") if k in self.tags}
-        model = client.create_logged_model(self.experiment_id, name="model", source_run_id=self.run_id, tags=tags,
-                                           model_type="pyfunc")
-        client.log_model_artifacts(model.model_id, path)
-        client.finalize_logged_model(model.model_id, "READY")
-        client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
-        client.log_batch(self.run_id, metrics=[self._metric(k, v, now, 0, model.model_id) for k, v in metrics.items()])
-        if register:
-            from mlflow.exceptions import MlflowException
-
-            try:
-                client.create_registered_model(register)
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            version = client.create_model_version(register, source=model.artifact_location, run_id=self.run_id,
-                                                  tags={k: v for k, v in tags.items() if k != "stage"},
-                                                  model_id=model.model_id)
+        if self._logged_model is None:
+            model = client.create_logged_model(self.experiment_id, name=register or "evaluated", tags=tags,
+                                               source_run_id=self.run_id, model_type="pyfunc")
+            client.log_model_artifacts(model.model_id, path)
+            client.finalize_logged_model(model.model_id, "READY")
+            client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+            client.log_batch(self.run_id, metrics=[self._metric(k, v, now, 0, model.model_id)
+                                                   for k, v in metrics.items()])
+            self._logged_model = model.model_id
+        if register:  # MLflow's own call: the version's source is models:/ID, and the model lists the version
+            version = mlflow.register_model(f"models:/{self._logged_model}", register,
+                                            tags={k: v for k, v in tags.items() if k != "stage"})
             self.registered = (register, version.version)
+        self._logged_model = None

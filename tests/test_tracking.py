@@ -1,3 +1,4 @@
+import json
 import time
 
 from mlflow.tracking import MlflowClient
@@ -183,9 +184,10 @@ def test_the_evaluated_model_is_logged_and_registered(tmp_path):
     assert sorted(int(v.version) for v in client.search_model_versions("name = 'vit-demo'")) == [1, 2]
     version = client.get_model_version("vit-demo", "2")
     assert version.run_id == run_id and version.tags == {"pipeline": "p1", "git_commit": "abc123"}
-    # MLflow's own store records the version's source (the model's artifacts), not its model_id
-    models = client.search_logged_models([client.get_experiment_by_name("exp").experiment_id])
-    model = next(m for m in models if m.artifact_location == version.source)
+    assert version.source.startswith("models:/")  # MLflow's sqlite store leaves version.model_id unset
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert model.name == "vit-demo" and json.loads(model.tags["mlflow.modelVersions"]) == [
+        {"name": "vit-demo", "version": 2}], "the model lists its version (the UI's link)"
     assert model.source_run_id == run_id and model.model_type == "pyfunc" and model.status.name == "READY"
     assert {(m.key, m.value, m.dataset_name) for m in model.metrics} == {("top1", 0.75, "digits/val"), ("loss", 0.5, "digits/val")}
     assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]

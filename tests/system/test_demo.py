@@ -77,3 +77,23 @@ def test_the_last_validation_is_the_evaluation_stage(demo):
     runs = {r.data.tags["stage"]: r.data.metrics for r in demo["runs"]}
     assert runs["finetune"]["val/top1"] == pytest.approx(runs["evaluate"]["top1"], abs=1e-9)
     assert runs["finetune"]["val/loss"] == pytest.approx(runs["evaluate"]["loss"], rel=1e-6)
+
+
+def test_the_demo_registers_its_model_and_logs_its_checkpoints_as_models(demo):
+    client, runs = demo["client"], {r.data.tags["stage"]: r for r in demo["runs"]}
+    version = client.get_model_version("vit-demo", "1")
+    assert version.run_id == runs["evaluate"].info.run_id and version.tags["pipeline"] == runs["evaluate"].data.tags["pipeline"]
+    experiment = demo["experiment"].experiment_id
+    models = client.search_logged_models([experiment], order_by=[{"field_name": "metrics.val/top1", "ascending": False}])
+    pretrain = [m for m in models if m.source_run_id == runs["pretrain"].info.run_id]
+    # every 200 steps of 1000, 2 kept; each ranked by its validation at that step
+    assert sorted(int(m.params["step"]) for m in pretrain) == [200, 400, 600, 800, 1000]
+    assert sorted(m.params["step"] for m in pretrain if m.tags["checkpoint_state"] == "kept") == ["1000", "800"]
+    top1 = [{m.key: m.value for m in model.metrics}["val/top1"] for model in pretrain]
+    assert top1 == sorted(top1, reverse=True)
+    finetune = [m for m in models if m.source_run_id == runs["finetune"].info.run_id]
+    assert [m.params["step"] for m in finetune] == ["150"] and "val/top1" in {m.key for m in finetune[0].metrics}
+    evaluated = [m for m in models if m.source_run_id == runs["evaluate"].info.run_id]
+    assert len(evaluated) == 1 and evaluated[0].model_type == "pyfunc"
+    assert "?workflowType=machine_learning" in demo["output"]
+    assert f"#/experiments/{experiment}?workflowType=machine_learning" in demo["output"]
