@@ -129,8 +129,9 @@ def test_training_survives_the_server_going_away_and_catches_up(tracked):
 
 def test_each_kept_checkpoint_is_a_logged_model_with_its_validation(tracked):
     client, run = tracked["client"], stage_run(tracked, "pretrain")
-    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'",
-                                         order_by=[{"field_name": "params.step", "ascending": True}])
+    models = sorted(client.search_logged_models([run.info.experiment_id],
+                                                filter_string=f"source_run_id = '{run.info.run_id}'"),
+                    key=lambda m: int(m.params["step"]))
     checkpoints = tracked["run_dir"] / "checkpoints"
     assert [(m.params["step"], m.tags["checkpoint"]) for m in models] == [
         (str(step), str(checkpoints / f"step{step:08d}")) for step in (40, 80, 120)]
@@ -195,9 +196,11 @@ def test_mlflow_models_serve_answers_with_the_evaluations_classes(tracked):
     if "predicted" not in tracked:
         pytest.skip("needs the pyfunc test's predictions")
     port = free_port()
-    serve = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
+    venv = Path(sys.executable).parent  # mlflow runs the uvicorn it finds on PATH
+    env = dict(launch_env(), MLFLOW_TRACKING_URI=tracked["uri"], PATH=f"{venv}:{os.environ['PATH']}")
+    serve = subprocess.Popen([str(venv / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}/1",
                               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                             env=dict(launch_env(), MLFLOW_TRACKING_URI=tracked["uri"]), cwd=tracked["tmp"],
+                             env=env, cwd=tracked["tmp"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.time() + 180
@@ -207,7 +210,9 @@ def test_mlflow_models_serve_answers_with_the_evaluations_classes(tracked):
                     break
             except OSError:
                 pass
-            assert serve.poll() is None and time.time() < deadline, "mlflow models serve did not come up"
+            if serve.poll() is not None or time.time() > deadline:
+                stop_server(serve)
+                raise AssertionError(f"mlflow models serve did not come up:\n{serve.stdout.read()[-3000:]}")
             time.sleep(0.5)
         images, _ = val_images(tracked)
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(b).decode()]
