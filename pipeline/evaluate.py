@@ -221,22 +221,15 @@ def mlflow_model(config: Config, report: dict, classes: list[str], out: Path) ->
     evaluation shards as its input example."""
     from pipeline.data.shards import shard_samples
     from pipeline.data.stream import IMAGE_KEYS
-    from pipeline.model import vit_from_config
-    from pipeline.model.weights import export_safetensors
     from pipeline.serving import save_pyfunc, write_model_folder
 
     shutil.rmtree(out, ignore_errors=True)
     state = read_pretrained(report["checkpoint"], config.model, same_head=True, ema=report["ema"])
-    with torch.device("meta"):
-        model = vit_from_config(config.model)
-    weights, timm_json = export_safetensors({k: v.contiguous() for k, v in state.items()}, model,
-                                            out / "export" / "model.safetensors", keep_pre_logits=True)
-    folder = write_model_folder(out / "weights", weights, None if config.model.pre_logits else timm_json, config,
-                                classes)
-    shutil.rmtree(out / "export")
+    folder = write_model_folder(out / "weights", {k: v.contiguous() for k, v in state.items()}, config, classes)
     samples = shard_samples(resolve_shards(config.data.eval_shards).urls[0], count=EXAMPLES)
-    examples = [next(s[k] for k in IMAGE_KEYS if k in s) for s in samples]
-    return save_pyfunc(out / "model", folder, examples)
+    path = save_pyfunc(out / "model", folder, [next(s[k] for k in IMAGE_KEYS if k in s) for s in samples])
+    shutil.rmtree(folder)  # the MLflow model holds its own copy
+    return path
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: Path) -> None:

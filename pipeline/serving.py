@@ -29,16 +29,19 @@ WEIGHTS = "model.safetensors"
 BATCH = 64
 
 
-def write_model_folder(folder: Path, weights: Path, timm_json: Path | None, config, classes: list[str]) -> Path:
-    """The pyfunc model's data folder: the evaluated weights and timm arguments (copied), and
-    ``classifier.json`` from the stage's ``config``."""
-    import shutil
+def write_model_folder(folder: Path, state: dict[str, torch.Tensor], config, classes: list[str]) -> Path:
+    """The pyfunc model's data folder for the weights ``state`` of the model ``config``
+    describes, as the stage ``config`` evaluates it: the weights (timm's names), timm's arguments
+    where timm can rebuild the model (no pre-logits layer), and ``classifier.json``."""
+    from pipeline.model import vit_from_config
+    from pipeline.model.weights import export_safetensors
 
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(weights, folder / WEIGHTS)
-    if timm_json is not None and timm_json.is_file():
-        shutil.copyfile(timm_json, folder / "model.json")
     c = config
+    with torch.device("meta"):
+        model = vit_from_config(c.model)
+    _, timm_json = export_safetensors(state, model, folder / WEIGHTS, keep_pre_logits=True)
+    if c.model.pre_logits:
+        timm_json.unlink()
     (folder / CLASSIFIER).write_text(json.dumps({
         "model": c.model.model_dump(mode="json"),
         "preprocess": {"image_size": c.model.image_size, "crop_pct": c.data.crop_pct, "mean": list(c.data.mean),

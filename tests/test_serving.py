@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from pipeline.config import load_config
 from pipeline.data import EvalTransform, Normalize
@@ -39,9 +38,8 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     model = vit_from_config(config.model)
     model.init_weights()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "w.safetensors"))
     classes = [f"digit-{i}" for i in range(config.model.num_classes)]
-    folder = write_model_folder(tmp / "data", tmp / "w.safetensors", None, config, classes)
+    folder = write_model_folder(tmp / "data", model.state_dict(), config, classes)
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 24), (16, 16), (30, 18), (8, 8))]
     images = [encoded(a, "PNG") for a in arrays[:2]] + [encoded(a, "JPEG") for a in arrays[2:]]
@@ -68,6 +66,7 @@ def test_the_saved_model_carries_signature_example_and_no_pickle(saved):
     assert '"name": "image"' in mlmodel and '"type": "binary"' in mlmodel and '"name": "path"' in mlmodel
     assert (saved["path"] / "input_example.json").is_file()
     assert not list(saved["path"].rglob("*.pkl"))
+    assert {p.name for p in data_folder(saved).iterdir()} == {"model.safetensors", "model.json", CLASSIFIER}
     spec = json.loads((data_folder(saved) / CLASSIFIER).read_text())
     assert spec["dtype"] == "bfloat16" and spec["classes"][3] == "digit-3" and spec["preprocess"]["image_size"] == 16
 
@@ -107,3 +106,13 @@ def test_bad_input_is_named(saved):
         model.predict(pd.DataFrame({"image": [saved["images"][0], None]}))
     with pytest.raises(ValueError, match="must be uint8"):
         model.predict(np.zeros((1, 8, 8, 3), dtype=np.float32))
+
+
+def test_a_pre_logits_model_keeps_its_head_and_has_no_timm_arguments(tmp_path):
+    config = load_config(ROOT / "configs/demo/evaluate.yaml", ["model.pre_logits=32"])
+    model = vit_from_config(config.model)
+    model.init_weights()
+    folder = write_model_folder(tmp_path / "data", model.state_dict(), config, [])
+    assert {p.name for p in folder.iterdir()} == {"model.safetensors", CLASSIFIER}  # timm has no pre-logits layer
+    out = Classifier(folder).predict([encoded(np.zeros((16, 16, 3), dtype=np.uint8), "PNG")])
+    assert out["class_name"].tolist() == [str(out["class_id"][0])]  # no class names: the ids
