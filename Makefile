@@ -6,7 +6,7 @@ DEEPSPEED := $(VENV)/bin/deepspeed
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help install test test-fast demo gpu-check wheels clean
+.PHONY: help install lint test test-fast demo gpu-check wheels clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	@touch $@
 
-test: install  ## run every test tier (unit, integration, system)
+lint: install  ## ruff (pyproject.toml): pyflakes, pycodestyle at 120 columns, reasons for broad excepts, no dead noqa
+	$(VENV)/bin/ruff check .
+
+test: install lint  ## lint, then run every test tier (unit, integration, system)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only

@@ -35,9 +35,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data import TrainLoader, TrainStream, TrainTransform, resolve_shards  # noqa: E402
-from pipeline.data.stream import _ShardErrors, read_shards, seed_of  # noqa: E402
-from pipeline.data.transforms import DeviceTrainTransform, baseline_train_transform, stack_images  # noqa: E402
+from pipeline.data import TrainLoader, TrainStream, TrainTransform, resolve_shards
+from pipeline.data.stream import _ShardErrors, read_shards, seed_of
+from pipeline.data.transforms import DeviceTrainTransform, baseline_train_transform, stack_images
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"]
 SIZES = {"500x375": (500, 375), "1600x1200": (1600, 1200)}
@@ -207,7 +207,8 @@ def decode_candidates(images: list[bytes], size: tuple[int, int], rounds: int) -
 
     def power_of_two(box):
         reduction = dct_reduction(min(box[2:]) / 224)
-        return dict(min_factor=reduction, min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction))
+        return dict(min_factor=reduction, min_height=math.ceil(height / reduction),
+                    min_width=math.ceil(width / reduction))
 
     def pil_draft(data, box):  # the CPU path until 2026-11-23 for boxes >= 2x the size
         left, top, w, h = box
@@ -280,7 +281,8 @@ def main() -> None:
             rows.append((label, "1 process, 1 thread", "data.decode=gpu: worker's share", rates["gpu_worker"]))
             # worker cores that data.decode=gpu frees at 1,000 images/s per GPU
             figures[f"gpu_worker_{label}_img_s"] = round(rates["gpu_worker"], 1)
-            figures[f"gpu_mode_cores_freed_per_1k_img_s_{label}"] = round(1000 / rates["fast"] - 1000 / rates["gpu_worker"], 2)
+            freed = 1000 / rates["fast"] - 1000 / rates["gpu_worker"]
+            figures[f"gpu_mode_cores_freed_per_1k_img_s_{label}"] = round(freed, 2)
             shard = Path(tmp) / f"{label}.tar"
             write_shard(images, shard, copies=20)
             overheads = worker_overheads(shard, args.rounds)
@@ -302,7 +304,8 @@ def main() -> None:
             resume = resume_cost(Path(tmp), args.resume_samples, args.resume_rounds)
             figures["resume_deep_vs_start"] = round(resume["deep"] / resume["start"], 3)
             figures.update({f"resume_{k}_s": round(v, 3) for k, v in resume.items() if k != "shard_bytes"},
-                           resume_epoch_samples=args.resume_samples, resume_shard_gb=round(resume["shard_bytes"] / 1e9, 2))
+                           resume_epoch_samples=args.resume_samples,
+                           resume_shard_gb=round(resume["shard_bytes"] / 1e9, 2))
 
     print(f"{'input':<10} {'setting':<24} {'path':<58} {'images/s':>9}")
     for label, setting, path, rate in rows:

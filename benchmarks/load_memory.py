@@ -90,7 +90,8 @@ def main() -> int:
         del model
         mp.spawn(worker, args=(free_port(), args.variant, str(source), tmp), nprocs=2, join=True)
         rows = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in (0, 1)]
-    print(f"{'rank':>4}  {'anonymous peak':>14}  {'copies':>6}  {'resident peak (with mapped file)':>32}  {'copies':>6}")
+    print(f"{'rank':>4}  {'anonymous peak':>14}  {'copies':>6}  {'resident peak (with mapped file)':>32}  "
+          f"{'copies':>6}")
     for r in rows:
         r["anonymous_copies"] = r["anonymous_peak_bytes"] / r["fp32_bytes"]
         r["resident_copies"] = r["resident_peak_bytes"] / r["fp32_bytes"]

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.data_throughput import photos_as_jpeg  # noqa: E402
-from pipeline.data.sources import imagefolder_source  # noqa: E402
-from pipeline.data.writer import write_shards  # noqa: E402
+from benchmarks.data_throughput import photos_as_jpeg
+from pipeline.data.sources import imagefolder_source
+from pipeline.data.writer import write_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         identical = outputs[0] == outputs[1]
     count = len(source.items)
     median = {procs: statistics.median(t) for procs, t in times.items()}
-    print(f"{count} photos at 1600x1200 -> --max-side 512, {os.cpu_count()} cores, {args.rounds} alternating rounds (median)")
+    print(f"{count} photos at 1600x1200 -> --max-side 512, {os.cpu_count()} cores, {args.rounds} alternating rounds "
+          f"(median)")
     print(f"{'procs':>5} {'seconds':>8} {'images/s':>9}")
     for procs, seconds in median.items():
         print(f"{procs:>5} {seconds:>8.2f} {count / seconds:>9.1f}")

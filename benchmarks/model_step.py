@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.flops import (  # noqa: E402
+from pipeline.flops import (
     VitShape, activation_bytes_per_image, device_peak_tflops, model_state_bytes, train_flops_per_image,
 )
-from pipeline.model import create_vit  # noqa: E402
-from pipeline.model.weights import timm_config  # noqa: E402
-from pipeline.train.distributed import free_port  # noqa: E402
+from pipeline.model import create_vit
+from pipeline.model.weights import timm_config
+from pipeline.train.distributed import free_port
 
 
 def both_models(variant: str, image_size: int, num_classes: int):
@@ -94,7 +94,8 @@ def cuda_benchmark(args) -> dict:
     rows, figures = [], {"device": device_name, "peak_tflops": peak}
     for variant, size, ckpt, batch in cases:
         shape = VitShape.from_variant(variant, size, 1000)
-        predicted_gb = (model_state_bytes(shape, 2, 1) + batch * activation_bytes_per_image(shape, checkpointing=ckpt)) / 2**30
+        activations = batch * activation_bytes_per_image(shape, checkpointing=ckpt)
+        predicted_gb = (model_state_bytes(shape, 2, 1) + activations) / 2**30
         for name, model in both_models(variant, size, 1000).items():
             model.set_grad_checkpointing(ckpt)  # ours takes every-n-blocks; True is every block
             config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
@@ -121,8 +122,8 @@ def cuda_benchmark(args) -> dict:
             figures.update({f"{key}_images_per_s": images_per_s, f"{key}_tflops": tflops,
                             f"{key}_mfu": tflops / peak if peak else None, f"{key}_peak_gb": peak_gb,
                             f"{key}_predicted_gb": predicted_gb})
-            rows.append((name, variant, size, ckpt, batch, images_per_s, tflops, tflops / peak if peak else float("nan"),
-                         peak_gb, predicted_gb))
+            mfu = tflops / peak if peak else float("nan")
+            rows.append((name, variant, size, ckpt, batch, images_per_s, tflops, mfu, peak_gb, predicted_gb))
             del engine, optimizer, model
             torch.cuda.empty_cache()
     print(f"one {device_name}, DeepSpeed ZeRO-2, bf16, fused AdamW; {args.steps} timed steps after {args.warmup}")

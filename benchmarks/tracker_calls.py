@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.tracking import Tracker  # noqa: E402
+from pipeline.tracking import Tracker
 
 
 def measure(uri: str, work: Path, steps: int, checkpoints: int, drain_s: float) -> dict:

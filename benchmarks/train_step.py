@@ -312,7 +312,8 @@ def cpu_benchmark(args, env, work: Path) -> dict:
           f"{args.rounds} alternating rounds of {args.steps} optimizer steps (median)")
     print(f"{'loop':<8} {'s/step':>8} {'images/s':>9} {'GFLOP/s':>9}")
     for name, seconds in median.items():
-        print(f"{name:<8} {seconds:>8.3f} {args.batch_size / seconds:>9.1f} {args.batch_size * flops / seconds / 1e9:>9.1f}")
+        print(f"{name:<8} {seconds:>8.3f} {args.batch_size / seconds:>9.1f} "
+              f"{args.batch_size * flops / seconds / 1e9:>9.1f}")
     overhead = median["trainer"] / median["bare"]
     print(f"overhead_vs_bare (trainer / bare step time): {overhead:.3f}  (target <= 1.05)")
     compiled = compare_compile(env, work, args.compile_steps, args.zero_stages)
@@ -320,7 +321,8 @@ def cpu_benchmark(args, env, work: Path) -> dict:
     return {"device": "cpu", "variant": args.variant, "image_size": args.image_size, "batch_size": args.batch_size,
             "trainer_s_per_step": median["trainer"], "bare_s_per_step": median["bare"], "overhead_vs_bare": overhead,
             "compile_max_rel_diff": {k: v["max_rel_diff"] for k, v in compiled.items()},
-            "compile_matches_eager": compile_matches(compiled), "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "compile_matches_eager": compile_matches(compiled), "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
             "torch": torch.__version__}
 
 
@@ -352,7 +354,8 @@ def cuda_benchmark(args, env, work: Path) -> dict:
         shape = VitShape.from_variant(variant, size, 1000)
         for checkpointing in (False, True):
             micro = args.cuda_batch.get(f"{variant}@{size}", 32) * (2 if checkpointing else 1)
-            for compiled, zero, loop in [(c, z, "trainer") for c in (False, True) for z in (1, 2)] + [(False, 0, "bare")]:
+            loops = [(c, z, "trainer") for c in (False, True) for z in (1, 2)] + [(False, 0, "bare")]
+            for compiled, zero, loop in loops:
                 config = trainer_config(work, f"{variant.replace('/', '')}-{size}-{zero}-{compiled}-{checkpointing}",
                                         variant=variant, image_size=size, micro=micro, world=1, zero=max(zero, 1),
                                         compile=compiled, checkpointing=checkpointing)
@@ -382,7 +385,8 @@ def cuda_benchmark(args, env, work: Path) -> dict:
                        "hfu": hardware_tflops / peak if peak else None, "host_syncs_per_step": syncs,
                        "peak_gb": peak_gb, "plan_gb": plan_gb, "plan_error": peak_gb / plan_gb - 1}
                 figures["cases"].append(row)
-                rows.append(f"{variant + '@' + str(size):<10} {loop:<8} {str(compiled):<8} {zero:>4} {str(checkpointing):>5} "
+                rows.append(f"{variant + '@' + str(size):<10} {loop:<8} {str(compiled):<8} {zero:>4} "
+                            f"{str(checkpointing):>5} "
                             f"{micro:>5} {row['images_per_s']:>9.1f} {tflops:>8.1f} {row['mfu'] or 0:>6.1%} "
                             f"{row['hfu'] or 0:>6.1%} "
                             f"{'' if syncs is None else f'{syncs:.1f}':>6} {peak_gb:>8.1f} {plan_gb:>8.1f} "
@@ -396,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--parity", action="store_true",
-                        help="only eager vs compiled, and overlapped vs plain gradient reduction, on the launched ranks")
+                        help="only eager vs compiled, and overlapped vs plain gradient reduction, on the launched "
+                             "ranks")
     parser.add_argument("--variant", default="Ti/16", help="CPU: the model timed (default Ti/16)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16, help="CPU: images per step")

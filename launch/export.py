@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="run, checkpoints or stepNNNNNNNN directory")
     parser.add_argument("--out", required=True, help="output .safetensors file")
-    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (the run set train.ema_decay)")
+    parser.add_argument("--ema", action="store_true", help="export the EMA of the weights (the run set "
+                                                           "train.ema_decay)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -17,19 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.data.preflight import preflight  # noqa: E402
-from pipeline.data.shards import shard_advice  # noqa: E402
-from pipeline.data.sources import open_source  # noqa: E402
-from pipeline.data.writer import DEFAULT_MAX_COUNT, index_shards, write_shards  # noqa: E402
+from pipeline.data.preflight import preflight
+from pipeline.data.shards import shard_advice
+from pipeline.data.sources import open_source
+from pipeline.data.writer import DEFAULT_MAX_COUNT, index_shards, write_shards
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--source", help="digits | synthetic:N[xSIDE] (generated JPEGs) | imagefolder:PATH | list:FILE.csv (path,label rows)")
+    what.add_argument("--source", help="digits | synthetic:N[xSIDE] (generated JPEGs) | imagefolder:PATH | "
+                                       "list:FILE.csv (path,label rows)")
     what.add_argument("--check", metavar="DIR", help="read every shard in DIR and report (preflight)")
-    what.add_argument("--index", metavar="DIR", help="write DIR/{split}.json for shards made elsewhere, from tar headers")
-    parser.add_argument("--split", help="--index: the split of every shard in DIR (default: the name up to its first '-')")
+    what.add_argument("--index", metavar="DIR", help="write DIR/{split}.json for shards made elsewhere, from tar "
+                                                     "headers")
+    parser.add_argument("--split", help="--index: the split of every shard in DIR (default: the name up to its first "
+                                        "'-')")
     parser.add_argument("--out", help="output folder: DIR/{split}-NNNNNN.tar and DIR/{split}.json")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share held out as the val split (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ConfigError, load_config, parse_scalar  # noqa: E402
-from pipeline.plan import GPUS, Assumptions, format_plan, plan  # noqa: E402
+from pipeline.config import ConfigError, load_config, parse_scalar
+from pipeline.plan import GPUS, Assumptions, format_plan, plan
 
 
 def main(argv: list[str] | None = None) -> int:

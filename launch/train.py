@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.cli import stage_parser, start_stage, user_errors  # noqa: E402
+from pipeline.cli import stage_parser, start_stage, user_errors
 
 
 def main(argv: list[str] | None = None) -> int:

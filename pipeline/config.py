@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel, ByteSize, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator,
+)
 
 from pipeline.errors import UserError
 
@@ -36,12 +38,19 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str = Field("run", description="Run name; the run directory is output_dir/name.")
     stage: Literal["pretrain", "finetune"] = Field("pretrain", description="Which training stage this config runs.")
-    output_dir: str = Field("runs", description="Parent directory of run directories (checkpoints, metrics, resolved config).")
+    output_dir: str = Field(
+        "runs", description="Parent directory of run directories (checkpoints, metrics, resolved config).")
     seed: int = Field(0, description="Global seed for model init, data order and augmentation.")
     experiment: str = Field("vit-pipeline", description="MLflow experiment name.")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; none: no tracking (MLflow is not imported).")
-    pipeline: str | None = Field(None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name. Where set (or $VIT_PIPELINE_ID), the stages' MLflow runs nest under one parent run.")
-    system_metrics_interval: float | None = Field(10.0, gt=0.0, description="Seconds between MLflow system-metrics samples (CPU, memory, network, GPU), logged by one rank per node; null for off.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; none: no "
+        "tracking (MLflow is not imported).")
+    pipeline: str | None = Field(
+        None, description="Tag shared by the stages of one pipeline; default $VIT_PIPELINE_ID or the run name. Where "
+        "set (or $VIT_PIPELINE_ID), the stages' MLflow runs nest under one parent run.")
+    system_metrics_interval: float | None = Field(
+        10.0, gt=0.0, description="Seconds between MLflow system-metrics samples (CPU, memory, network, GPU), logged "
+        "by one rank per node; null for off.")
 
     @property
     def run_dir(self) -> Path:
@@ -52,14 +61,19 @@ class ModelConfig(Section):
     variant: str = Field("B/16", description="Size and patch, e.g. 'L/16', 'H/14' (see pipeline.model.VARIANTS).")
     image_size: int = Field(224, gt=0, description="Input resolution in pixels (square).")
     num_classes: int = Field(1000, ge=0, description="Classifier outputs; 0 for no head.")
-    global_pool: Literal["token", "avg"] = Field("token", description="Pool the class token, or average the patch tokens.")
+    global_pool: Literal["token", "avg"] = Field(
+        "token", description="Pool the class token, or average the patch tokens.")
     class_token: bool = Field(True, description="Prepend a learned class token.")
     qkv_bias: bool = Field(True, description="Bias in the fused qkv projection.")
-    pre_logits: int | None = Field(None, description="Width of the tanh pre-logits (representation) layer; None for none.")
+    pre_logits: int | None = Field(
+        None, description="Width of the tanh pre-logits (representation) layer; None for none.")
     layer_scale_init: float | None = Field(None, description="Initial LayerScale value; None disables LayerScale.")
-    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
+    drop_path_rate: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in MLPs and projections.")
-    compile: bool = Field(False, description="Training: torch.compile each transformer block (one graph for all; the first steps compile it).")
+    compile: bool = Field(
+        False, description="Training: torch.compile each transformer block (one graph for all; the first steps "
+        "compile it).")
 
     @property
     def patch_size(self) -> int:
@@ -76,7 +90,8 @@ class ModelConfig(Section):
         except ValueError as e:
             raise ValueError(f"model.variant: {e}") from None
         if self.image_size % patch:
-            raise ValueError(f"model.image_size={self.image_size} is not divisible by the patch size {patch} of '{self.variant}'")
+            raise ValueError(f"model.image_size={self.image_size} is not divisible by the patch size {patch} of "
+                             f"'{self.variant}'")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("model.global_pool='token' needs model.class_token=true")
         return self
@@ -87,9 +102,12 @@ class DataConfig(Section):
     eval_shards: str | None = Field(None, description="Evaluation shards: path, brace pattern, or 'pipe:' command.")
     num_workers: int = Field(4, ge=0, description="DataLoader worker processes per rank.")
     shuffle_buffer: int | ByteSize = Field(5000, ge=0, description="Shuffle buffer of each worker: samples (5000), or "
-                                       "bytes with a unit ('512MiB', '1GB'), turned into samples by the manifest's mean sample size.")
-    samples_per_epoch: int | None = Field(None, gt=0, description="Samples in one pass; default from the shard manifest.")
-    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel mean, on a 0-1 scale (big_vision/ViT: 0.5).")
+                                       "bytes with a unit ('512MiB', '1GB'), turned into samples by the manifest's "
+                                       "mean sample size.")
+    samples_per_epoch: int | None = Field(
+        None, gt=0, description="Samples in one pass; default from the shard manifest.")
+    mean: tuple[float, float, float] = Field(
+        (0.5, 0.5, 0.5), description="Per-channel mean, on a 0-1 scale (big_vision/ViT: 0.5).")
     std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="Per-channel std, on a 0-1 scale.")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range.")
     crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range.")
@@ -102,7 +120,8 @@ class DataConfig(Section):
     mixup: float = Field(0.0, ge=0.0, description="MixUp alpha; 0 for off.")
     cutmix: float = Field(0.0, ge=0.0, description="CutMix alpha; 0 for off.")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Label smoothing of the training loss.")
-    crop_pct: float = Field(0.875, gt=0.0, le=1.0, description="Evaluation: resize to image_size / crop_pct, then center crop.")
+    crop_pct: float = Field(
+        0.875, gt=0.0, le=1.0, description="Evaluation: resize to image_size / crop_pct, then center crop.")
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -124,9 +143,11 @@ class DataConfig(Section):
 class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate, after the scaling rule.")
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="Rule mapping lr to the global batch: lr * (B / lr_base_batch) or its sqrt.")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none", description="Rule mapping lr to the global batch: lr * (B / lr_base_batch) or its sqrt.")
     lr_base_batch: int = Field(4096, gt=0, description="Batch size at which lr is given, for lr_scaling.")
-    weight_decay: float = Field(0.05, ge=0.0, description="Decoupled weight decay (not on norms, biases, pos_embed, cls_token).")
+    weight_decay: float = Field(
+        0.05, ge=0.0, description="Decoupled weight decay (not on norms, biases, pos_embed, cls_token).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
@@ -140,20 +161,32 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     global_batch_size: int = Field(4096, gt=0, description="Images per optimizer step across all ranks.")
-    micro_batch_size: int = Field(32, gt=0, description="Images per rank per forward pass, at most: lowered to a divisor of the per-rank batch where that is smaller or not a multiple.")
+    micro_batch_size: int = Field(
+        32, gt=0, description="Images per rank per forward pass, at most: lowered to a divisor of the per-rank batch "
+        "where that is smaller or not a multiple.")
     total_steps: int | None = Field(None, gt=0, description="Optimizer steps; or give total_samples or epochs.")
     total_samples: int | None = Field(None, gt=0, description="Images to train on; sets total_steps.")
     epochs: float | None = Field(None, gt=0.0, description="Passes over data.samples_per_epoch; sets total_steps.")
-    stop_at_step: int | None = Field(None, gt=0, description="Save and exit cleanly at this step, as a preemption would.")
+    stop_at_step: int | None = Field(
+        None, gt=0, description="Save and exit cleanly at this step, as a preemption would.")
     log_every: int = Field(10, gt=0, description="Steps between metric lines.")
     checkpoint_every: int = Field(1000, gt=0, description="Steps between checkpoints (one is also written at the end).")
     keep_checkpoints: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     resume: str = Field("auto", description="'auto' (latest in the run directory), 'never', or a checkpoint path.")
-    max_bad_steps: int = Field(0, ge=0, description="Optimizer steps with a non-finite loss to skip (their update is dropped) before stopping the run; bf16 only.")
-    device_peak_tflops: float | None = Field(None, gt=0.0, description="Peak bf16 TFLOP/s per device for MFU; default from the device table.")
-    eval_every: int | None = Field(None, gt=0, description="Steps between validations on data.eval_shards (val/top1, val/top5, val/loss; also at the end); null for none.")
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the weights with this decay (partitioned like the fp32 weights; saved in checkpoints; validated as val_ema/*); null for none.")
-    ema_warmup: bool = Field(True, description="With ema_decay: ramp the decay up as 1 - (1 + step)^(-2/3) until it reaches ema_decay (timm's ModelEmaV3 warmup).")
+    max_bad_steps: int = Field(
+        0, ge=0, description="Optimizer steps with a non-finite loss to skip (their update is dropped) before "
+        "stopping the run; bf16 only.")
+    device_peak_tflops: float | None = Field(
+        None, gt=0.0, description="Peak bf16 TFLOP/s per device for MFU; default from the device table.")
+    eval_every: int | None = Field(
+        None, gt=0, description="Steps between validations on data.eval_shards (val/top1, val/top5, val/loss; also at "
+        "the end); null for none.")
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="Keep an exponential moving average of the weights with this decay "
+        "(partitioned like the fp32 weights; saved in checkpoints; validated as val_ema/*); null for none.")
+    ema_warmup: bool = Field(
+        True, description="With ema_decay: ramp the decay up as 1 - (1 + step)^(-2/3) until it reaches ema_decay "
+        "(timm's ModelEmaV3 warmup).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -164,21 +197,34 @@ class TrainConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters.")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Training precision (bf16 mixed precision, fp32 master weights).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="ZeRO stage: 0 off, 1 optimizer, 2 +gradients, 3 +parameters.")
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16", description="Training precision (bf16 mixed precision, fp32 master weights).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in the backward pass.")
-    checkpoint_every_n_blocks: int = Field(1, ge=1, description="With activation_checkpointing: checkpoint every n-th block.")
+    checkpoint_every_n_blocks: int = Field(
+        1, ge=1, description="With activation_checkpointing: checkpoint every n-th block.")
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Where ZeRO keeps optimizer states.")
-    offload_param: Literal["none", "cpu", "nvme"] = Field("none", description="ZeRO-3: where parameters live between uses.")
+    offload_param: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="ZeRO-3: where parameters live between uses.")
     nvme_path: str | None = Field(None, description="Local NVMe directory for nvme offload.")
-    overlap_comm: bool = Field(True, description="ZeRO-2/3: reduce gradients in buckets during the backward pass (ZeRO-1 in bf16 with fp32 accumulation all-reduces after it, whatever this says).")
+    overlap_comm: bool = Field(
+        True, description="ZeRO-2/3: reduce gradients in buckets during the backward pass (ZeRO-1 in bf16 with fp32 "
+        "accumulation all-reduces after it, whatever this says).")
     contiguous_gradients: bool = Field(True, description="Copy gradients into one buffer as they are produced.")
-    reduce_bucket_size: int = Field(50_000_000, gt=0, description="Elements per gradient reduce bucket; well under the model's size, or the reduction waits for the whole backward pass.")
-    allgather_bucket_size: int = Field(500_000_000, gt=0, description="ZeRO-1/2: elements per parameter all-gather bucket.")
+    reduce_bucket_size: int = Field(
+        50_000_000, gt=0, description="Elements per gradient reduce bucket; well under the model's size, or the "
+        "reduction waits for the whole backward pass.")
+    allgather_bucket_size: int = Field(
+        500_000_000, gt=0, description="ZeRO-1/2: elements per parameter all-gather bucket.")
     stage3_prefetch_bucket_size: int = Field(50_000_000, gt=0, description="ZeRO-3: elements prefetched ahead of use.")
-    stage3_param_persistence_threshold: int = Field(100_000, ge=0, description="ZeRO-3: parameters smaller than this stay whole.")
-    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="Dtype gradients accumulate in across micro-batches; auto: fp32 at ZeRO 1-3, bf16 at stage 0 (DeepSpeed's only choice there).")
-    reduce_dtype: Literal["fp32", "bf16"] = Field("fp32", description="Dtype of the gradient reduction between ranks (DeepSpeed's communication_data_type).")
+    stage3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters smaller than this stay whole.")
+    grad_accum_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Dtype gradients accumulate in across micro-batches; auto: fp32 at ZeRO 1-3, bf16 at "
+        "stage 0 (DeepSpeed's only choice there).")
+    reduce_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="Dtype of the gradient reduction between ranks (DeepSpeed's communication_data_type).")
 
     @property
     def accumulation_dtype(self) -> str:
@@ -204,15 +250,21 @@ class DeepSpeedConfig(Section):
 
 
 class FinetuneConfig(Section):
-    init_from: str | None = Field(None, description="Pretraining checkpoint directory or .safetensors file to start from; {output_dir}/NAME is the run NAME under run.output_dir.")
+    init_from: str | None = Field(
+        None, description="Pretraining checkpoint directory or .safetensors file to start from; {output_dir}/NAME is "
+        "the run NAME under run.output_dir.")
     reset_head: bool = Field(False, description="Re-initialise the head even when the class count matches.")
     freeze_backbone: bool = Field(False, description="Train the head only (linear probe).")
-    use_ema: bool = Field(False, description="Start from the EMA weights of the init_from checkpoint (its run set train.ema_decay).")
+    use_ema: bool = Field(
+        False, description="Start from the EMA weights of the init_from checkpoint (its run set train.ema_decay).")
 
 
 class EvalConfig(Section):
-    checkpoint: str | None = Field(None, description="Checkpoint directory or .safetensors file to evaluate; {output_dir}/NAME is the run NAME under run.output_dir.")
-    micro_batch_size: int = Field(64, gt=0, description="Images per rank per evaluation forward pass (also validation during training).")
+    checkpoint: str | None = Field(
+        None, description="Checkpoint directory or .safetensors file to evaluate; {output_dir}/NAME is the run NAME "
+        "under run.output_dir.")
+    micro_batch_size: int = Field(
+        64, gt=0, description="Images per rank per evaluation forward pass (also validation during training).")
     use_ema: bool = Field(False, description="Evaluate the checkpoint's EMA weights (its run set train.ema_decay).")
     log_model: bool = Field(False, description="Log the evaluated weights as an MLflow model of the evaluation run "
                             "(pyfunc: safetensors for timm, model.json, class names; ViT-H/14: 2.5 GB).")
@@ -239,7 +291,8 @@ class Config(Section):
             if link and OUTPUT_DIR in link:
                 setattr(section, key, link.replace(OUTPUT_DIR, self.run.output_dir))
         if self.run.stage == "finetune" and not self.finetune.init_from:
-            raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors file)")
+            raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors "
+                             "file)")
         if self.deepspeed.zero_stage == 0 and self.deepspeed.offload_optimizer != "none":
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         if self.train.max_bad_steps and self.deepspeed.precision != "bf16":
@@ -250,7 +303,8 @@ class Config(Section):
         if self.train.ema_decay is not None and self.deepspeed.zero_stage == 0:
             raise ValueError("train.ema_decay keeps the EMA partitioned like ZeRO's fp32 weights: set "
                              "deepspeed.zero_stage to 1, 2 or 3")
-        if self.train.ema_decay is not None and "nvme" in (self.deepspeed.offload_optimizer, self.deepspeed.offload_param):
+        offloads = (self.deepspeed.offload_optimizer, self.deepspeed.offload_param)
+        if self.train.ema_decay is not None and "nvme" in offloads:
             raise ValueError("train.ema_decay reads the fp32 weights in place, which NVMe offload swaps out: "
                              "offload to 'cpu' or 'none'")
         return self
@@ -424,7 +478,8 @@ def _check_keys(tree: dict, origin: dict[str, str]) -> None:
             sub = fields[key].annotation
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 if not isinstance(value, dict):
-                    raise ConfigError(f"{origin.get(dotted, CLI)}: '{dotted}' must be a section (a mapping), got {value!r}")
+                    raise ConfigError(f"{origin.get(dotted, CLI)}: '{dotted}' must be a section (a mapping), got "
+                                      f"{value!r}")
                 walk(value, sub, f"{dotted}.")
 
     walk(tree, Config, "")

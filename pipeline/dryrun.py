@@ -63,10 +63,12 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
         return False, report.render(title)
     world = nodes * gpus_per_node
     chain = [resolve_path(config_name), *inherit_chain(config_name)]
-    report.add("config", " <- ".join(_short(p) for p in chain) + (f"; overrides: {' '.join(overrides)}" if overrides else ""))
+    given = f"; overrides: {' '.join(overrides)}" if overrides else ""
+    report.add("config", " <- ".join(_short(p) for p in chain) + given)
     shape = VitShape.from_config(config.model)
-    report.add("model", f"ViT {config.model.variant} at {config.model.image_size} px, {param_count(shape):,} parameters, "
-                        f"{config.model.num_classes} classes" + (f", pre-logits {config.model.pre_logits}" if config.model.pre_logits else ""))
+    m = config.model
+    report.add("model", f"ViT {m.variant} at {m.image_size} px, {param_count(shape):,} parameters, {m.num_classes} "
+                        f"classes" + (f", pre-logits {m.pre_logits}" if m.pre_logits else ""))
     assume = Assumptions(gpu=gpu)
     if stage == "train":
         micro = _check_batch(config, world, report)
@@ -172,7 +174,8 @@ def _check_shards(config: Config, key: str, spec: str | None, report: Report) ->
     except FileNotFoundError as e:
         report.problems.append(f"{key}={spec}: {e}")
     remote = sum(not is_seekable(u) for u in shards.urls)
-    samples = f"{shards.num_samples:,} samples" if shards.num_samples is not None else "sample count unknown (no manifest)"
+    samples = (f"{shards.num_samples:,} samples" if shards.num_samples is not None
+               else "sample count unknown (no manifest)")
     report.add(key.split(".")[1].replace("_shards", " data"),
                f"{spec}: {len(shards.urls):,} shards, {samples}"
                + (f", {len(shards.classes):,} classes" if shards.classes else "")
@@ -262,11 +265,13 @@ def _check_link(config: Config, key: str, source: str | None, inherited: list[Pa
         except ConfigError as e:
             report.warnings.append(f"could not read the earlier stage {previous}: {e}")
     if path.resolve() in earlier:
-        report.add("starts from", f"{source}, written by the earlier stage {_short(Path(str(earlier[path.resolve()])))}")
+        report.add("starts from", f"{source}, written by the earlier stage "
+                                  f"{_short(Path(str(earlier[path.resolve()])))}")
     else:
         known = ", ".join(str(d) for d in earlier) or "none"
         report.problems.append(f"{key}={source} does not exist and is not the run directory of an earlier stage "
-                               f"(known: {known}): point it at a checkpoint, or pass the earlier stage's config with --after")
+                               f"(known: {known}): point it at a checkpoint, or pass the earlier stage's config "
+                               f"with --after")
 
 
 def filesystem_type(path: Path) -> str:

@@ -55,7 +55,8 @@ class VitShape:
     @classmethod
     def from_config(cls, model_config) -> "VitShape":
         c = model_config
-        return cls.from_variant(c.variant, c.image_size, c.num_classes, class_token=c.class_token, pre_logits=c.pre_logits)
+        return cls.from_variant(c.variant, c.image_size, c.num_classes, class_token=c.class_token,
+                                pre_logits=c.pre_logits)
 
     @property
     def num_patches(self) -> int:

@@ -11,8 +11,8 @@ from pydantic import ByteSize
 
 from pipeline.config import Config
 from pipeline.flops import (
-    DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu, max_micro_batch,
-    model_state_bytes, param_count, train_flops_per_image,
+    DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu,
+    max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
 )
 
 GB = 1e9
@@ -31,7 +31,8 @@ class Assumptions:
     inter_node_gbps: float = 400.0  # InfiniBand per GPU, Gbit/s (one NDR port per GPU)
     comm_overlap: float = 0.5  # share of ZeRO-2/3's bucketed gradient reduction hidden behind the backward pass
     decode_images_per_s_per_core: float = 1150.0  # benchmarks/RESULTS.md: fast path, 500x375 JPEG, one core
-    gpu_decode_worker_images_per_s_per_core: float = 90000.0  # data.decode=gpu: the worker's header parse only (RESULTS.md)
+    # data.decode=gpu: the worker's header parse only (RESULTS.md)
+    gpu_decode_worker_images_per_s_per_core: float = 90000.0
     flash_attention: bool = True
     sample_kb: float = 110.0  # a sample in the shards (ImageNet JPEG); the dry run reads it from the manifest
     worker_gb: float = 0.25  # one DataLoader worker's own memory (PSS) besides its buffers, measured on CPU
@@ -187,17 +188,20 @@ def format_plan(result: dict) -> str:
                   f"accumulation {rec['gradient_accumulation_steps']}",
               f"  step time                  {r['step_time_s']:.3f} s at {a['hfu']:.0%} hardware FLOP utilisation "
               f"(MFU {r['mfu']:.0%})",
-              f"  throughput                 {r['images_per_s']:,.0f} images/s ({r['images_per_s_per_gpu']:,.0f} per GPU)"]
+              f"  throughput                 {r['images_per_s']:,.0f} images/s "
+              f"({r['images_per_s_per_gpu']:,.0f} per GPU)"]
     if r["wall_clock_hours"] is not None:
         lines.append(f"  training length            {r['total_steps']:,} steps = {r['wall_clock_hours']:,.1f} h "
                      f"({r['wall_clock_hours'] / 24:.1f} days)")
-    lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at {r['decode_images_per_s_per_core']:,.0f} "
+    lines += [f"  decode cores per GPU       {r['decode_cores_per_gpu']:.1f} at "
+              f"{r['decode_images_per_s_per_core']:,.0f} "
               f"images/s per core (data benchmark; data.decode={r['decode']})",
               f"  gradient traffic           {r['gradient_gb_sent_per_gpu_per_step']:.2f} GB sent per GPU per step, "
               f"{r['communication_s_per_step']:.3f} s at "
               f"{a['inter_node_gbps'] if r['nodes'] > 1 else a['intra_node_gbps']:.0f} Gbit/s, "
               f"{r['communication_hidden_share']:.0%} of it behind the backward pass",
-              "  scaling efficiency         " + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
+              "  scaling efficiency         "
+              + ", ".join(f"{n} node(s) {e:.0%}" for n, e in r["scaling_efficiency"].items()),
               f"  host RAM, data path        {format_host_memory(r['host_ram_data_per_node'])}",
               "", "  assumptions (override with --set NAME=VALUE): "
               + ", ".join(f"{k}={v}" for k, v in a.items())]

@@ -10,8 +10,9 @@ environment).
 
 ``predict`` takes a DataFrame with an ``image`` column (encoded image bytes; base64 in a REST
 request) or a ``path`` column (image files); the raw model (``get_raw_model()``) also takes a
-uint8 array (N, H, W, 3) or a list of images. It returns one row per image: ``class_id``, ``class_name`` and ``probability``. Images
-go through the evaluation's own resize and center crop, so predictions are the evaluation's.
+uint8 array (N, H, W, 3) or a list of images. It returns one row per image: ``class_id``,
+``class_name`` and ``probability``. Images go through the evaluation's own resize and center
+crop, so predictions are the evaluation's.
 """
 
 from __future__ import annotations
@@ -157,7 +158,8 @@ def save_pyfunc(path: Path, folder: Path, examples: list[bytes]) -> Path:
     example = pd.DataFrame({"image": examples})
     signature = ModelSignature(
         inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "path", required=False)]),
-        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"), ColSpec("double", "probability")]))
+        outputs=Schema([ColSpec("long", "class_id"), ColSpec("string", "class_name"),
+                        ColSpec("double", "probability")]))
     mlflow.pyfunc.save_model(str(path), loader_module=__name__, data_path=str(folder), signature=signature,
                              input_example=example, pip_requirements=requirements())
     return path

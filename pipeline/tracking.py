@@ -289,8 +289,8 @@ class Tracker:
     def _parent_run(self, experiment_id: str) -> str:
         """The pipeline's parent run, running again, or a new one named after the pipeline."""
         client, name = self._client, self.pipeline.replace("'", "")
-        found = client.search_runs([experiment_id], filter_string=f"tags.stage = 'pipeline' and tags.pipeline = '{name}'",
-                                   max_results=1)
+        query = f"tags.stage = 'pipeline' and tags.pipeline = '{name}'"
+        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
         if found:
             client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
@@ -314,8 +314,8 @@ class Tracker:
         elif kind == "metrics":
             metrics, step, timestamp = payload
             model_id = self._checkpoint_models.get(step)
-            client.log_batch(run_id, metrics=[self._metric(k, v, timestamp, step, model_id if k.startswith("val") else None)
-                                              for k, v in metrics.items()])
+            client.log_batch(run_id, metrics=[self._metric(k, v, timestamp, step, model_id if k.startswith("val") else
+                                                           None) for k, v in metrics.items()])
         elif kind == "checkpoint":
             self._send_checkpoint(*payload)
         elif kind == "model":
@@ -340,8 +340,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         dataset = self.model_dataset if model_id else None
-        return Metric(key, value, timestamp, step, model_id=model_id,
-                      dataset_name=dataset["name"] if dataset else None, dataset_digest=dataset["digest"] if dataset else None)
+        return Metric(key, value, timestamp, step, model_id=model_id, dataset_name=dataset["name"] if dataset else None,
+                      dataset_digest=dataset["digest"] if dataset else None)
 
     def _send_checkpoint(self, step: int, path: str, kept: list[str]) -> None:
         from mlflow.entities import LoggedModelOutput

@@ -197,6 +197,7 @@ def test_shuffle_buffer_is_samples_or_a_size_with_a_unit(tmp_path):
     assert size == 512 * 2**20 and isinstance(size, ByteSize)
     assert not isinstance(load_config("vit_h14").data.shuffle_buffer, ByteSize)
     saved = load_config("vit_h14", ["data.shuffle_buffer=512MiB"]).save(tmp_path / "config.yaml")
-    assert load_config(saved).data.shuffle_buffer == size and isinstance(load_config(saved).data.shuffle_buffer, ByteSize)
+    reloaded = load_config(saved).data.shuffle_buffer
+    assert reloaded == size and isinstance(reloaded, ByteSize)
     with pytest.raises(ConfigError, match=r"data.shuffle_buffer.*'lots'"):
         load_config("vit_h14", ["data.shuffle_buffer=lots"])

@@ -78,7 +78,8 @@ def test_a_broken_config_lists_every_problem_with_its_key(imagenet, tmp_path):
         (tmp_path / "moved.tar").rename(imagenet / "data/imagenet1k/train-000007.tar")
     assert not ok
     assert "5 problem(s)" in report, report  # the classes twice: train and val (validation) manifests
-    assert "train.global_batch_size=500 does not split over 32 ranks" in report and "train.global_batch_size=480" in report
+    assert "train.global_batch_size=500 does not split over 32 ranks" in report
+    assert "train.global_batch_size=480" in report
     assert "missing shard" in report and "train-000007.tar" in report
     assert report.count("set model.num_classes=1000") == 2 and "val.json lists 1000 classes" in report
     assert f"finetune.init_from={tmp_path}/nowhere does not exist" in report

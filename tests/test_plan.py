@@ -98,7 +98,8 @@ def test_plan_command_prints_the_reference_figures():
                 "gradient traffic", "scaling efficiency", "hfu=0.45"):
         assert row in table
     # The pretraining config as shipped carries a 1280-wide pre-logits layer; the backbone is the same.
-    table, shipped = run_plan("--config", "vit_h14.yaml", "model.num_classes=1000", "--nodes", "8", "--gpus-per-node", "8")
+    table, shipped = run_plan("--config", "vit_h14.yaml", "model.num_classes=1000", "--nodes", "8",
+                              "--gpus-per-node", "8")
     assert shipped["params"] == 632_045_800 + 1280 * 1280 + 1280
     assert shipped["backbone_params"] == figures["backbone_params"] == 630_764_800 and "630,764,800" in table
 

@@ -83,10 +83,12 @@ def test_pipeline_stages_nest_under_one_parent_with_their_datasets(tmp_path):
     manifest = tmp_path / "data" / "train.json"
     manifest.parent.mkdir()
     manifest.write_text(json.dumps({"split": "train", "num_samples": 12, "num_classes": 3, "shards": [{}, {}]}))
-    first = Tracker(uri=uri, experiment="exp", run_name="pre", tags={"stage": "pretrain", "pipeline": "p"}, pipeline="p")
+    first = Tracker(uri=uri, experiment="exp", run_name="pre", tags={"stage": "pretrain", "pipeline": "p"},
+                    pipeline="p")
     first.log_datasets([describe_shards(str(manifest), "training"), describe_shards("pipe:cat x.tar", "evaluation")])
     first.close()
-    second = Tracker(uri=uri, experiment="exp", run_name="ft", tags={"stage": "finetune", "pipeline": "p"}, pipeline="p")
+    second = Tracker(uri=uri, experiment="exp", run_name="ft", tags={"stage": "finetune", "pipeline": "p"},
+                     pipeline="p")
     second.close("KILLED")
     requeued = Tracker(uri=uri, experiment="exp", run_name="ft", tags={}, run_id=second.run_id, pipeline="p")
     assert requeued.wait_started(timeout=60) == second.run_id
@@ -101,7 +103,8 @@ def test_pipeline_stages_nest_under_one_parent_with_their_datasets(tmp_path):
     parent = runs["p"]
     assert parent.data.tags["stage"] == "pipeline" and parent.info.run_id == first.parent_id == second.parent_id
     assert parent.info.status == "FINISHED"
-    assert runs["pre"].data.tags["mlflow.parentRunId"] == runs["ft"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    parents = {runs[name].data.tags["mlflow.parentRunId"] for name in ("pre", "ft")}
+    assert parents == {parent.info.run_id}
     inputs = {d.dataset.name: d for d in runs["pre"].inputs.dataset_inputs}
     train = inputs["data/train"]
     assert json.loads(train.dataset.profile) == {"num_samples": 12, "num_classes": 3, "num_shards": 2}
@@ -152,13 +155,16 @@ def test_checkpoints_are_logged_models_with_their_validation_and_pruning(tmp_pat
     tracker.close()
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("exp").experiment_id
-    models = client.search_logged_models([experiment], order_by=[{"field_name": "metrics.val/top1", "ascending": False}])
+    by_top1 = [{"field_name": "metrics.val/top1", "ascending": False}]
+    models = client.search_logged_models([experiment], order_by=by_top1)
     assert [m.name for m in models] == ["step00000030", "step00000020", "step00000010"], "ranked by val/top1"
     for model, step in zip(models, [30, 20, 10]):
         assert model.source_run_id == run_id and model.params == {"step": str(step)} and model.status.name == "READY"
-        assert model.tags["checkpoint"] == str(tmp_path / f"step{step:08d}") and model.tags["mlflow.model.isExternal"] == "true"
+        assert model.tags["checkpoint"] == str(tmp_path / f"step{step:08d}")
+        assert model.tags["mlflow.model.isExternal"] == "true"
         assert model.tags["stage"] == "pretrain" and model.tags["pipeline"] == "p1" and model.model_type == "checkpoint"
-        assert [(m.key, m.value, m.step, m.dataset_name) for m in model.metrics] == [("val/top1", step / 100, step, "digits/val")]
+        linked = [(m.key, m.value, m.step, m.dataset_name) for m in model.metrics]
+        assert linked == [("val/top1", step / 100, step, "digits/val")]
     assert [m.tags["checkpoint_state"] for m in models] == ["kept", "kept", "pruned"]
     outputs = client.get_run(run_id).outputs.model_outputs
     assert sorted(o.step for o in outputs) == steps
@@ -189,5 +195,6 @@ def test_the_evaluated_model_is_logged_and_registered(tmp_path):
     assert model.name == "vit-demo" and json.loads(model.tags["mlflow.modelVersions"]) == [
         {"name": "vit-demo", "version": 2}], "the model lists its version (the UI's link)"
     assert model.source_run_id == run_id and model.model_type == "pyfunc" and model.status.name == "READY"
-    assert {(m.key, m.value, m.dataset_name) for m in model.metrics} == {("top1", 0.75, "digits/val"), ("loss", 0.5, "digits/val")}
+    linked = {(m.key, m.value, m.dataset_name) for m in model.metrics}
+    assert linked == {("top1", 0.75, "digits/val"), ("loss", 0.5, "digits/val")}
     assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]

@@ -47,7 +47,8 @@ def check_shard(url: str, num_classes: int | None = None) -> tuple[int, Counter,
     return samples, histogram, unreadable
 
 
-def check_split(manifest_path: Path, progress: bool = True, num_classes: int | None = None, procs: int = 1) -> SplitReport:
+def check_split(manifest_path: Path, progress: bool = True, num_classes: int | None = None,
+                procs: int = 1) -> SplitReport:
     """Every shard of one split, in ``procs`` processes; shards are merged in order, so the report
     is the same for any ``procs``."""
     shards = resolve_shards(str(manifest_path))

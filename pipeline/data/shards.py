@@ -304,7 +304,8 @@ def write_sidecar(path: str | Path, index: ShardIndex | None = None) -> Path:
 
 def _describes(header: bytes, size: int) -> bool:
     """Whether ``header`` is a whole tar header of a file of ``size`` bytes."""
-    return len(header) >= tarfile.BLOCKSIZE and _header_ok(header[:tarfile.BLOCKSIZE]) and _number(header[124:136]) == size
+    return (len(header) >= tarfile.BLOCKSIZE and _header_ok(header[:tarfile.BLOCKSIZE])
+            and _number(header[124:136]) == size)
 
 
 def _file_ok(fd: int, data: int, size: int) -> bool:

@@ -82,7 +82,8 @@ def synthetic_source(count: int, side: int = 64, num_classes: int = 10) -> Sourc
         def read() -> bytes:
             noise = np.random.default_rng(index).normal(0, 30, size=(side, side, 3))
             buffer = io.BytesIO()
-            Image.fromarray(np.clip(colours[label] + noise, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+            pixels = np.clip(colours[label] + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
             return buffer.getvalue()
 
         return read

@@ -48,7 +48,8 @@ def decode_sample(sample: dict, transform: Callable, rng: random.Random | None,
     assert in the loss)."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
-        raise ValueError(f"no image (.{', .'.join(IMAGE_KEYS)}) in {sorted(k for k in sample if not k.startswith('__'))}")
+        raise ValueError(f"no image (.{', .'.join(IMAGE_KEYS)}) in "
+                         f"{sorted(k for k in sample if not k.startswith('__'))}")
     if "cls" not in sample:
         raise ValueError("no label (.cls)")
     label = int(sample["cls"].decode("ascii").strip())

@@ -416,7 +416,8 @@ def baseline_train_transform(size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
     """The plain path: PIL decode + convert('RGB') + torchvision RandomResizedCrop + flip."""
     from torchvision.transforms import v2
 
-    crop = v2.Compose([v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True), v2.RandomHorizontalFlip(hflip)])
+    crop = v2.Compose([v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True),
+                       v2.RandomHorizontalFlip(hflip)])
 
     def transform(data: bytes, rng: random.Random | None = None) -> torch.Tensor:
         image = Image.open(io.BytesIO(data)).convert("RGB")

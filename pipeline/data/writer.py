@@ -110,7 +110,8 @@ def write_split(
         saved = json.loads(progress_path.read_text())
         if saved["fingerprint"] == fingerprint:
             counts, skipped, start = saved["counts"], saved["skipped"], saved["next"]
-            log.warning("%s: resuming after %d complete shards (%d of %d items done)", split, len(counts), start, len(items))
+            log.warning("%s: resuming after %d complete shards (%d of %d items done)", split, len(counts), start,
+                        len(items))
         else:
             log.warning("%s: %s is from other arguments: starting over", split, progress_path)
     for stale in out_dir.glob(f"{split}-*.tar"):

@@ -106,9 +106,8 @@ class VisionTransformer(nn.Module):
         # timm's layout: the final norm sits before pooling for the class token, after it for avg.
         self.norm = _layer_norm(embed_dim) if global_pool == "token" else nn.Identity()
         self.fc_norm = _layer_norm(embed_dim) if global_pool == "avg" else nn.Identity()
-        self.pre_logits = (
-            nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, pre_logits), act=nn.Tanh())) if pre_logits else nn.Identity()
-        )
+        self.pre_logits = (nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, pre_logits), act=nn.Tanh()))
+                           if pre_logits else nn.Identity())
         self.head_drop = nn.Dropout(dropout)
         head_dim = pre_logits or embed_dim
         self.head = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()

@@ -61,7 +61,8 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
         lines = [f"{source} does not fit this model:"]
         lines += [f"  {k}: checkpoint {tuple(state[k].shape)}, model {tuple(target[k].shape)}" for k in mismatched[:20]]
         if missing:
-            lines.append(f"  missing from the checkpoint: {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+            lines.append(f"  missing from the checkpoint: "
+                         f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
         if unexpected:
             lines.append(f"  not in the model: {', '.join(unexpected[:20])}{' ...' if len(unexpected) > 20 else ''}")
         raise WrongInput("\n".join(lines))

@@ -195,7 +195,8 @@ def check_placements(placements: list[dict]) -> None:
 
 
 def describe_placements(placements: list[dict]) -> str:
-    """'4 ranks on 2 hosts (vnode1: 0-1, vnode2: 2-3), master vnode1:29500 (10.0.0.2), 1 core(s) and 1 thread(s) a rank'."""
+    """'4 ranks on 2 hosts (vnode1: 0-1, vnode2: 2-3), master vnode1:29500 (10.0.0.2), 1 core(s) and 1
+    thread(s) a rank'."""
     hosts: dict[str, list[int]] = {}
     for p in placements:
         hosts.setdefault(p["host"], []).append(p["rank"])

@@ -34,7 +34,8 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict:
         )
     for kind, where in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_param)):
         if where != "none":
-            zero[kind] = {"device": where, "pin_memory": True, **({"nvme_path": ds.nvme_path} if where == "nvme" else {})}
+            zero[kind] = {"device": where, "pin_memory": True,
+                          **({"nvme_path": ds.nvme_path} if where == "nvme" else {})}
     return {
         "train_batch_size": train.global_batch_size,
         "train_micro_batch_size_per_gpu": config.micro_batch(world_size),

@@ -54,7 +54,8 @@ def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
     return [{"params": params, "weight_decay": wd, "lr_scale": scale} for (wd, scale), params in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, *, offload: bool, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, *, offload: bool,
+                    device: torch.device) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA, DeepSpeed's CPU Adam with optimizer offload) or SGD with momentum."""
     groups = param_groups(model, config)
     if config.name == "sgd":

@@ -127,7 +127,8 @@ class Trainer:
 
     def agree_on_resume(self) -> Path | None:
         c = self.config
-        resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, model_signature(c), self.env.world_size)
+        resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, model_signature(c),
+                                      self.env.world_size)
         if resume is not None and resume.name.endswith(ckpt.UNIVERSAL):
             self.ds_config["checkpoint"] = {"load_universal": True}
         return resume
@@ -135,8 +136,8 @@ class Trainer:
     def build_engine(self, resume: Path | None) -> deepspeed.DeepSpeedEngine:
         c = self.config
         seed_everything(c.run.seed)  # the same initial weights on every rank
-        model = self.build_model(pretrained=c.finetune.init_from if c.run.stage == "finetune" and resume is None else None,
-                                 ema=c.finetune.use_ema)
+        init_from = c.finetune.init_from if c.run.stage == "finetune" and resume is None else None
+        model = self.build_model(pretrained=init_from, ema=c.finetune.use_ema)
         optimizer = build_optimizer(model, c.optim, offload=c.deepspeed.offload_optimizer != "none", device=self.device)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         seed_everything(c.run.seed + 1000 * self.env.rank)  # dropout and mixing differ per rank
@@ -147,7 +148,8 @@ class Trainer:
         c = self.config
         self.total_steps = c.total_steps(self.loader.stream.samples_per_epoch)
         if self.total_steps is None:
-            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known samples_per_epoch")
+            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known "
+                             "samples_per_epoch")
         self.peak_lr = peak_lr(c.optim, c.train.global_batch_size)
         self.mixer = batch_mixer(c.data.mixup, c.data.cutmix, c.model.num_classes)
         self.flops_per_image = train_flops_per_image(VitShape.from_config(c.model))

@@ -32,7 +32,8 @@ def make_shards(tmp_path):
             with wds.TarWriter(str(tmp_path / f"{name}-{shard:06d}.tar"), mtime=0) as sink:
                 for _ in range(count):
                     key = f"sample{index:05d}"
-                    sample = {"__key__": key, "jpg": jpeg_bytes(make_image(rng, *size)), "cls": str(index % 10).encode()}
+                    sample = {"__key__": key, "jpg": jpeg_bytes(make_image(rng, *size)),
+                              "cls": str(index % 10).encode()}
                     kind = bad.get(index)
                     if kind == "corrupt":
                         sample["jpg"] = sample["jpg"][:40] + b"\x00" * 20

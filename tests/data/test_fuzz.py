@@ -110,7 +110,8 @@ def test_member_names_that_climb_out_or_link_stay_names(tmp_path):
     assert len(ShardIndex.walk(str(link))) == 0
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8),
+SCALARS = st.none() | st.booleans() | st.integers(-5, 10**12) | st.floats(allow_nan=True) | st.text(max_size=8)
+JSON = st.recursive(SCALARS,
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
                         st.sampled_from(["shards", "url", "num_samples", "num_bytes", "classes", "split", "x"]), inner,
                         max_size=5), max_leaves=20)

@@ -83,7 +83,8 @@ def image_folder(tmp_path):
     for name in ["cat", "dog"]:
         (root / name).mkdir(parents=True)
         for i in range(3):
-            (root / name / f"{name}.{i}.jpg").write_bytes(jpeg_bytes(rng.integers(0, 255, (900, 600, 3), dtype=np.uint8)))
+            pixels = rng.integers(0, 255, (900, 600, 3), dtype=np.uint8)
+            (root / name / f"{name}.{i}.jpg").write_bytes(jpeg_bytes(pixels))
     Image.new("RGBA", (40, 30), (1, 2, 3, 128)).save(root / "dog" / "small.png")
     (root / "dog" / "broken.jpg").write_bytes(b"")
     return root
@@ -168,7 +169,8 @@ def test_header_walk_finds_what_webdataset_reads(tmp_path, fmt):
             for i in range(7):
                 sink.write({"__key__": f"{stem}{i:03d}", "jpg": bytes([i]) * (100 + 300 * i), "cls": str(i).encode()})
     else:
-        tar_format = {"pax-long-names": tarfile.PAX_FORMAT, "gnu-long-names": tarfile.GNU_FORMAT}.get(fmt, tarfile.USTAR_FORMAT)
+        formats = {"pax-long-names": tarfile.PAX_FORMAT, "gnu-long-names": tarfile.GNU_FORMAT}
+        tar_format = formats.get(fmt, tarfile.USTAR_FORMAT)
         with tarfile.open(path, "w", format=tar_format) as tar:
             for i in range(7):
                 for ext, data in (("jpg", bytes([i]) * (100 + 300 * i)), ("cls", str(i).encode())):

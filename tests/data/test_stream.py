@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig
-from pipeline.data import EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards
+from pipeline.data import (
+    EvalStream, EvalTransform, TrainLoader, TrainStream, TrainTransform, eval_batches, resolve_shards,
+)
 from pipeline.data.writer import index_shards
 from pipeline.train.distributed import free_port, init_local_group
 

@@ -58,7 +58,8 @@ def test_palette_with_transparency_and_encoded_formats():
     assert decode_rgb(encode(sixteen, "PNG")).getpixel((0, 0)) == (255, 255, 255)
     cmyk = decode_rgb(encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"))
     assert cmyk.mode == "RGB" and cmyk.getpixel((8, 8))[0] > 200 and cmyk.getpixel((8, 8))[1] < 60
-    assert decode_rgb(encode(Image.new("RGB", (8, 8), (200, 0, 0)), "WEBP", lossless=True)).getpixel((3, 3)) == (200, 0, 0)
+    webp = encode(Image.new("RGB", (8, 8), (200, 0, 0)), "WEBP", lossless=True)
+    assert decode_rgb(webp).getpixel((3, 3)) == (200, 0, 0)
 
 
 def test_exif_orientation_is_applied():
@@ -162,7 +163,8 @@ def test_randaugment_is_seeded_by_the_sample_rng():
 def test_eval_transform_matches_resize_center_crop():
     data = jpeg_bytes(smooth_photo(500, 375), quality=95)
     ours = EvalTransform(224, crop_pct=0.875, fast=False)(data).to(torch.int16)
-    reference = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])(Image.open(io.BytesIO(data)).convert("RGB"))
+    resize_crop = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224)])
+    reference = resize_crop(Image.open(io.BytesIO(data)).convert("RGB"))
     theirs = v2.functional.pil_to_tensor(reference).to(torch.int16)
     assert (ours - theirs).abs().float().mean() < 2.0
     assert EvalTransform(224)(data).shape == (3, 224, 224)
@@ -231,7 +233,8 @@ def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
     assert (batched.int() - images.int()).abs().max() <= 1
 
     broken = JpegCrop(whole[:len(whole) // 2] + b"\xff\xd9", (0, 0, 8, 8), False)  # whole-looking, undecodable
-    images, got_labels = decoder({**stack_images([produced[0], broken, produced[2]]), "labels": torch.tensor([5, 6, 7])})
+    batch = {**stack_images([produced[0], broken, produced[2]]), "labels": torch.tensor([5, 6, 7])}
+    images, got_labels = decoder(batch)
     assert decoder.failed == 1 and got_labels.tolist() == [5, 5, 7]
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="no image of a batch of 1"):

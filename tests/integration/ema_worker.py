@@ -39,8 +39,8 @@ def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
     from pipeline.train.metrics import Meter
     from pipeline.train.trainer import Trainer
 
-    config = demo_config(shards, out, env, f"zero{stage}", f"train.total_steps={STEPS}", f"deepspeed.zero_stage={stage}",
-                         "train.eval_every=100",
+    config = demo_config(shards, out, env, f"zero{stage}", f"train.total_steps={STEPS}",
+                         f"deepspeed.zero_stage={stage}", "train.eval_every=100",
                          "deepspeed.stage3_param_persistence_threshold=200")  # some ZeRO-3 parameters stay gathered
     trainer = Trainer(config, env)
     params = dict(trainer.engine.module.named_parameters())
@@ -71,8 +71,8 @@ def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
         result["names_equal"] = sorted(saved) == sorted(reference)
         result["ema_max_diff"] = max((saved[n] - reference[n]).abs().max().item() for n in reference)
         result["ema_moved"] = max((reference[n] - current[n]).abs().max().item() for n in reference)
-        result["swapped_max_diff"] = max((swapped[n].float() - reference[n].to(swapped[n].dtype).float()).abs().max().item()
-                                         for n in reference)
+        result["swapped_max_diff"] = max(
+            (swapped[n].float() - reference[n].to(swapped[n].dtype).float()).abs().max().item() for n in reference)
         result["restored_exactly"] = all(torch.equal(before[n], after[n]) for n in before)
         result["validation"] = record
     # A resumed EMA is the saved one: a fresh EMA loads it from the files of both ranks.

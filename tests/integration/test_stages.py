@@ -48,8 +48,9 @@ def test_finetune_resamples_pos_embed_from_a_zero3_checkpoint(stages):
     tuned = consolidated_state_dict(out / "ft")
     assert tuned["pos_embed"].shape == (1, 65, 64)
     # lr 1e-7: the fine-tuned weights are the pretrained ones, resampled where needed.
-    torch.testing.assert_close(tuned["pos_embed"], resample_pos_embed(pretrained["pos_embed"], (8, 8)), atol=2e-3, rtol=0)
-    torch.testing.assert_close(tuned["blocks.3.mlp.fc2.weight"], pretrained["blocks.3.mlp.fc2.weight"], atol=2e-3, rtol=0)
+    close = dict(atol=2e-3, rtol=0)
+    torch.testing.assert_close(tuned["pos_embed"], resample_pos_embed(pretrained["pos_embed"], (8, 8)), **close)
+    torch.testing.assert_close(tuned["blocks.3.mlp.fc2.weight"], pretrained["blocks.3.mlp.fc2.weight"], **close)
     assert "pre_logits.fc.weight" not in tuned and tuned["head.weight"].shape == (10, 64)
     assert metrics(out / "ft")[1]["loss"] == pytest.approx(math.log(10), abs=1e-3)  # the new head starts at zero
 
@@ -102,8 +103,8 @@ def test_evaluation_counts_every_sample_once_on_two_ranks(stages):
 def test_export_loads_into_timm(stages, tmp_path):
     out = stages["out"]
     target = tmp_path / "ft.safetensors"
-    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(out / "ft"), "--out", str(target)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(out / "ft"),
+                    "--out", str(target)], check=True, capture_output=True, text=True)
     config = json.loads(target.with_suffix(".json").read_text())
     assert config["img_size"] == 16 and config["patch_size"] == 2 and config["num_classes"] == 10
     theirs = timm.models.vision_transformer.VisionTransformer(**config).eval()

@@ -28,9 +28,10 @@ def runs(request, digits_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"zero{stage}")
     common = [f"deepspeed.zero_stage={stage}", "train.ema_decay=0.9", "eval.micro_batch_size=128"]
     run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "straight", *common, "train.eval_every=4"))
-    first = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.eval_every=3",
-                                                            "train.stop_at_step=4"))
-    second = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common, "train.eval_every=4"))
+    first = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common,
+                                                            "train.eval_every=3", "train.stop_at_step=4"))
+    second = run_deepspeed("launch/train.py", 2, *train_args(digits_shards, out, "resumed", *common,
+                                                             "train.eval_every=4"))
     return {"stage": stage, "out": out, "straight": out / "straight", "resumed": out / "resumed",
             "logs": first.stdout + first.stderr + second.stdout + second.stderr}
 
@@ -176,8 +177,8 @@ def test_gpu_decode_trains_as_the_cpu_path(tmp_path):
     write_shards(synthetic_source(160, side=12), tmp_path / "jpegs", val_fraction=0.2, max_count=40, progress=False)
     losses = {}
     for mode in ("cpu", "gpu"):
-        result = run_deepspeed("launch/train.py", 2, *train_args(tmp_path / "jpegs", tmp_path, mode, f"data.decode={mode}",
-                                                                 "train.total_steps=3"))
+        result = run_deepspeed("launch/train.py", 2, *train_args(tmp_path / "jpegs", tmp_path, mode,
+                                                                 f"data.decode={mode}", "train.total_steps=3"))
         losses[mode] = [metrics(tmp_path / mode)[step]["loss"] for step in (1, 2, 3)]
         assert ("data.decode=gpu on cpu: JPEGs are decoded in the training process"
                 in result.stdout + result.stderr) == (mode == "gpu")

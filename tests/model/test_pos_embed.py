@@ -7,7 +7,8 @@ from pipeline.model import create_vit, resample_pos_embed
 
 @pytest.mark.parametrize(
     "old, new, prefix",
-    [((16, 16), (32, 32), 1), ((14, 14), (24, 24), 1), ((16, 16), (8, 8), 1), ((6, 10), (9, 15), 1), ((8, 8), (12, 12), 0)],
+    [((16, 16), (32, 32), 1), ((14, 14), (24, 24), 1), ((16, 16), (8, 8), 1), ((6, 10), (9, 15), 1),
+     ((8, 8), (12, 12), 0)],
 )
 def test_matches_timm(old, new, prefix):
     torch.manual_seed(0)

@@ -71,7 +71,8 @@ def test_logits_match_timm_both_ways(options):
         global_pool=options["global_pool"], class_token=options["class_token"],
         init_values=options["layer_scale_init"], qkv_bias=options["qkv_bias"],
     ).eval()
-    ours = create_vit("S/8", num_classes=7, image_size=32, embed_dim=64, depth=3, num_heads=4, mlp_dim=256, **options).eval()
+    ours = create_vit("S/8", num_classes=7, image_size=32, embed_dim=64, depth=3, num_heads=4, mlp_dim=256,
+                      **options).eval()
     state = {k: torch.randn_like(v) for k, v in theirs.state_dict().items()}
     theirs.load_state_dict(state, strict=True)
     ours.load_state_dict(state, strict=True)

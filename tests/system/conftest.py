@@ -90,7 +90,8 @@ def slurm_cluster(tmp_path_factory):
                 break
             time.sleep(0.5)
         else:
-            pytest.fail(f"the SLURM node did not come up (state '{state}'):\n{(directory / 'slurmd.log').read_text()[-2000:]}")
+            pytest.fail(f"the SLURM node did not come up (state "
+                        f"'{state}'):\n{(directory / 'slurmd.log').read_text()[-2000:]}")
         yield env
     finally:
         subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)

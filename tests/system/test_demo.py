@@ -82,9 +82,11 @@ def test_the_last_validation_is_the_evaluation_stage(demo):
 def test_the_demo_registers_its_model_and_logs_its_checkpoints_as_models(demo):
     client, runs = demo["client"], {r.data.tags["stage"]: r for r in demo["runs"]}
     version = client.get_model_version("vit-demo", "1")
-    assert version.run_id == runs["evaluate"].info.run_id and version.tags["pipeline"] == runs["evaluate"].data.tags["pipeline"]
+    assert version.run_id == runs["evaluate"].info.run_id
+    assert version.tags["pipeline"] == runs["evaluate"].data.tags["pipeline"]
     experiment = demo["experiment"].experiment_id
-    models = client.search_logged_models([experiment], order_by=[{"field_name": "metrics.val/top1", "ascending": False}])
+    by_top1 = [{"field_name": "metrics.val/top1", "ascending": False}]
+    models = client.search_logged_models([experiment], order_by=by_top1)
     pretrain = [m for m in models if m.source_run_id == runs["pretrain"].info.run_id]
     # every 200 steps of 1000, 2 kept; each ranked by its validation at that step
     assert sorted(int(m.params["step"]) for m in pretrain) == [200, 400, 600, 800, 1000]

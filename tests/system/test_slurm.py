@@ -29,7 +29,8 @@ def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
     logs = list((tmp_path / "logs").glob(f"vit-pretrain-{job_id}.out"))
     log_text = read_log(logs[0]) if logs else "(no log)"
     assert result.returncode == 0, f"{result.stderr}\n{log_text[-4000:]}"
-    state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True, text=True).stdout
+    state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True,
+                           text=True).stdout
     assert "JobState=COMPLETED" in state
     assert f"job {job_id}" in log_text and "2 ranks" in log_text
     run_dir = tmp_path / "demo-pretrain"
@@ -87,7 +88,8 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
-    assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "train.json").read_text())["num_samples"]
+    train = json.loads((digits_shards / "train.json").read_text())
+    assert report["num_samples"] + report["skipped"] == train["num_samples"]
 
 
 def test_a_short_job_trains_before_its_signal(slurm_cluster, digits_shards, tmp_path):

@@ -138,7 +138,8 @@ def test_the_tracking_server_is_reached_from_both_nodes(cluster, preempted_pretr
     the first node; a requeued job may start anywhere)."""
     for node in NODES:
         probe = subprocess.run(cluster.on(node, sys.executable, "-c", "import socket, urllib.request; print("
-                                          f"socket.gethostname(), urllib.request.urlopen('{cluster.tracking_uri}/health')"
+                                          f"socket.gethostname(), "
+                                          f"urllib.request.urlopen('{cluster.tracking_uri}/health')"
                                           ".status)"), capture_output=True, text=True, timeout=60)
         assert probe.stdout.split() == [node, "200"], probe.stderr
     (run,) = runs_of(cluster, "two-node")
@@ -192,7 +193,8 @@ def test_pipeline_runs_three_stages_across_two_nodes(cluster, digits_shards, tmp
         assert [len(p["cpus"]) for p in placements] == [2, 2], placements
         assert [p["threads"] for p in placements] == [1, 1]  # 2 cores less data.num_workers=1
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
-    assert report["num_samples"] + report["skipped"] == json.loads((digits_shards / "val.json").read_text())["num_samples"]
+    val = json.loads((digits_shards / "val.json").read_text())
+    assert report["num_samples"] + report["skipped"] == val["num_samples"]
     runs = runs_of(cluster, "two-node-pipeline")
     assert sorted(r.data.tags["stage"] for r in runs) == ["evaluate", "finetune", "pretrain"]
     (parent,) = runs_of(cluster, "two-node-pipeline", stage_runs=False)
@@ -206,7 +208,8 @@ def test_torchrun_across_two_nodes(cluster, digits_shards, tmp_path):
             *demo_overrides(digits_shards, tmp_path, 3), "train.log_every=1"]
     env = launch_env()
     env.pop("OMP_NUM_THREADS")
-    procs = [subprocess.Popen(cluster.on(node, str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+    procs = [subprocess.Popen(cluster.on(node, str(BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "2",
+                                         "--rdzv-backend", "c10d",
                                          "--rdzv-endpoint", f"{NODES[0]}:{port}", "--rdzv-id", "two-node",
                                          str(ROOT / "launch/train.py"), *args),
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -47,5 +47,6 @@ def test_a_gap_in_the_fragments_is_an_error(tmp_path):
 def test_asking_for_an_ema_that_is_not_there_says_why(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"holds no EMA weights .* train.ema_decay"):
         read_ema_state(tmp_path)
-    with pytest.raises(ValueError, match=r"is a weights file, which holds one set of weights: EMA weights come from a training checkpoint"):
+    with pytest.raises(ValueError, match=r"is a weights file, which holds one set of weights: EMA weights come from a "
+                                         r"training checkpoint"):
         consolidated_state_dict(tmp_path / "model.safetensors", ema=True)

@@ -65,7 +65,8 @@ def test_optimizers():
 
 
 def test_deepspeed_config_from_typed_config():
-    config = load_config("vit_h14", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu", "optim.clip_grad=0.5"])
+    config = load_config("vit_h14", ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu",
+                                     "optim.clip_grad=0.5"])
     ds = build_deepspeed_config(config, world_size=16)
     assert ds["train_batch_size"] == 4096 and ds["train_micro_batch_size_per_gpu"] == 128
     assert ds["gradient_accumulation_steps"] == 2
@@ -77,7 +78,8 @@ def test_deepspeed_config_from_typed_config():
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu" and "offload_param" not in zero
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     fp32 = build_deepspeed_config(load_config("vit_l16", ["deepspeed.precision=fp32"]), world_size=64)
-    assert fp32["bf16"] == {"enabled": False, "check_grad_overflow": True} and "stage3_prefetch_bucket_size" not in fp32["zero_optimization"]
+    assert fp32["bf16"] == {"enabled": False, "check_grad_overflow": True}
+    assert "stage3_prefetch_bucket_size" not in fp32["zero_optimization"]
     stage0 = build_deepspeed_config(load_config("vit_l16", ["deepspeed.zero_stage=0"]), world_size=64)
     assert stage0["data_types"] == {"grad_accum_dtype": "bf16"}  # DeepSpeed accumulates in bf16 at stage 0
     with pytest.raises(Exception, match="grad_accum_dtype='fp32' needs deepspeed.zero_stage >= 1"):

@@ -11,11 +11,11 @@ import torch.multiprocessing as mp
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from pipeline.config import ModelConfig  # noqa: E402
-from pipeline.model import vit_from_config  # noqa: E402
-from pipeline.model.weights import export_safetensors  # noqa: E402
-from pipeline.train.checkpoint import COMPLETE, tag_for  # noqa: E402
-from pipeline.train.distributed import free_port, init_local_group  # noqa: E402
+from pipeline.config import ModelConfig
+from pipeline.model import vit_from_config
+from pipeline.model.weights import export_safetensors
+from pipeline.train.checkpoint import COMPLETE, tag_for
+from pipeline.train.distributed import free_port, init_local_group
 
 MODEL = {"variant": "mu/2", "image_size": 8, "num_classes": 10}
 
