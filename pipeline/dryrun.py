@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, inherit_chain, load_config, resolve_path
-from pipeline.data.shards import ShardSet, check_exist, is_seekable, resolve_shards, shuffle_samples
+from pipeline.data.shards import (
+    ShardSet, check_exist, is_seekable, logical_workers, resolve_shards, shards_for_streams, shuffle_samples,
+    stream_count,
+)
 from pipeline.flops import (
     VitShape, activation_bytes_per_image, inference_bytes_per_image, inference_weight_bytes, model_state_bytes,
     param_count,
@@ -187,19 +190,13 @@ def _check_shards(config: Config, key: str, spec: str | None, report: Report) ->
 
 
 def _check_train_streams(config: Config, shards: ShardSet, world: int, report: Report) -> None:
-    streams = world * max(config.data.num_workers, 1)
     if config.data.samples_per_epoch is None and shards.num_samples is None:
         report.problems.append(f"data.samples_per_epoch: unknown for {config.data.train_shards} (no manifest): set it, "
                                "or point data.train_shards at a manifest (make_shards.py --index DIR writes one)")
     elif config.data.samples_per_epoch and shards.num_samples and config.data.samples_per_epoch != shards.num_samples:
         report.warnings.append(f"data.samples_per_epoch={config.data.samples_per_epoch:,}, but the manifest holds "
                                f"{shards.num_samples:,} samples: epochs (and train.epochs) count the former")
-    if len(shards.urls) < streams:
-        report.add("streams", f"{len(shards.urls):,} shards for {streams:,} streams ({world} ranks x "
-                              f"{max(config.data.num_workers, 1)} workers): resampled, so streams share shards")
-    else:
-        report.add("streams", f"{streams:,} streams ({world} ranks x {max(config.data.num_workers, 1)} workers), "
-                              f"{len(shards.urls) / streams:.1f} shards each")
+    report.add("streams", shards_for_streams(len(shards.urls), world, config.data.num_workers))
 
 
 def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus_per_node: int,
@@ -221,7 +218,7 @@ def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus
 
 
 def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Report) -> None:
-    streams = world * max(config.data.num_workers, 1)
+    streams = stream_count(world, config.data.num_workers)
     seekable = all(is_seekable(u) for u in shards.urls)
     if len(shards.urls) >= streams:
         how = "whole shards per stream"
@@ -231,7 +228,8 @@ def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Re
         how = "fewer remote shards than streams: whole shards, some streams idle"
         report.warnings.append(f"{len(shards.urls)} remote eval shards for {streams} streams: "
                                f"{streams - len(shards.urls)} streams will have nothing to read")
-    report.add("streams", f"{streams:,} streams ({world} ranks x {max(config.data.num_workers, 1)} workers), {how}")
+    report.add("streams", f"{streams:,} streams ({world} ranks x {logical_workers(config.data.num_workers)} "
+                          f"workers), {how}")
 
 
 # -- stage links and tracking ---------------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pydantic import ByteSize
 
 from pipeline.config import Config
+from pipeline.data.shards import stream_count
 from pipeline.flops import (
     DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu,
     max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
@@ -117,7 +118,7 @@ def data_host_memory(config: Config, gpus_per_node: int, micro: int, assume: Ass
     batch_bytes = micro * 3 * config.model.image_size ** 2
     queued = assume.prefetch_factor * workers + 2 if workers else 1
     figures = {
-        "shuffle_gb": gpus_per_node * max(workers, 1) * buffer_bytes / GB,
+        "shuffle_gb": stream_count(gpus_per_node, workers) * buffer_bytes / GB,  # a buffer per stream
         "batches_gb": gpus_per_node * queued * batch_bytes / GB,
         "workers_gb": gpus_per_node * workers * assume.worker_gb,
     }

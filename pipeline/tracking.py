@@ -95,17 +95,18 @@ def describe_shards(spec: str, context: str) -> dict[str, str]:
     """An MLflow dataset input for a shard spec: its name (manifest folder/split, or the spec), a
     digest of the manifest (or of the spec), the source, and a profile of sample, class and
     shard counts; ``context`` is 'training' or 'evaluation'."""
-    path = Path(spec)
-    if spec.endswith(".json") and path.is_file():
-        text = path.read_bytes()
-        manifest = json.loads(text)
-        name = f"{path.parent.name}/{manifest.get('split', path.stem)}"
+    from pipeline.data.shards import resolve_shards
+
+    shards = resolve_shards(spec, check_exists=False)
+    if shards.manifest is not None:
+        path, manifest = Path(spec), shards.manifest
+        name, digest = f"{path.parent.name}/{manifest.get('split', path.stem)}", shards.digest
         profile = {"num_samples": manifest.get("num_samples"), "num_classes": manifest.get("num_classes"),
-                   "num_shards": len(manifest.get("shards", []))}
+                   "num_shards": len(shards.urls)}
     else:
-        text, name, profile = spec.encode(), spec.rsplit("/", 1)[-1][:100], {}
-    return {"name": name, "digest": hashlib.sha256(text).hexdigest()[:10], "source": spec,
-            "source_type": "webdataset", "profile": json.dumps(profile), "context": context}
+        name, digest, profile = spec.rsplit("/", 1)[-1][:100], hashlib.sha256(spec.encode()).hexdigest()[:10], {}
+    return {"name": name, "digest": digest, "source": spec, "source_type": "webdataset",
+            "profile": json.dumps(profile), "context": context}
 
 
 def stage_tags(config, stage: str) -> dict[str, str]:

@@ -82,7 +82,8 @@ def test_pipeline_stages_nest_under_one_parent_with_their_datasets(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     manifest = tmp_path / "data" / "train.json"
     manifest.parent.mkdir()
-    manifest.write_text(json.dumps({"split": "train", "num_samples": 12, "num_classes": 3, "shards": [{}, {}]}))
+    shards = [{"url": "a.tar", "num_samples": 6}, {"url": "b.tar", "num_samples": 6}]
+    manifest.write_text(json.dumps({"split": "train", "num_samples": 12, "num_classes": 3, "shards": shards}))
     first = Tracker(uri=uri, experiment="exp", run_name="pre", tags={"stage": "pretrain", "pipeline": "p"},
                     pipeline="p")
     first.log_datasets([describe_shards(str(manifest), "training"), describe_shards("pipe:cat x.tar", "evaluation")])

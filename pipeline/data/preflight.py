@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ class SplitReport:
     shards: int
     samples: int
     expected: int
+    classes: list[str] = field(default_factory=list)  # the manifest's class names
     histogram: Counter = field(default_factory=Counter)
     unreadable: list[tuple[str, str, str]] = field(default_factory=list)  # (shard, key, error)
 
@@ -52,7 +52,7 @@ def check_split(manifest_path: Path, progress: bool = True, num_classes: int | N
     """Every shard of one split, in ``procs`` processes; shards are merged in order, so the report
     is the same for any ``procs``."""
     shards = resolve_shards(str(manifest_path))
-    report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0)
+    report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0, shards.classes)
     with ordered_map(partial(check_shard, num_classes=num_classes), shards.urls, procs) as results:
         for samples, histogram, unreadable in tqdm(results, total=len(shards.urls), desc=f"check {report.split}",
                                                    unit="shard", disable=not progress):
@@ -73,7 +73,7 @@ def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, prog
     lines, ok = [], True
     for path in manifests:
         report = check_split(path, progress, num_classes, procs)
-        classes = json.loads(path.read_text()).get("classes", [])
+        classes = report.classes
         ok &= report.ok
         lines.append(f"{report.split}: {report.samples:,} samples in {report.shards} shards "
                      f"(manifest: {report.expected:,}){'' if report.samples == report.expected else '  MISMATCH'}")

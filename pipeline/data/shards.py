@@ -7,6 +7,7 @@ or a ``pipe:`` command for object stores (``pipe:aws s3 cp s3://b/train-000000.t
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import itertools
 import json
@@ -52,6 +53,8 @@ class ShardSet:
     classes: list[str] = field(default_factory=list)
     spec: str = ""
     sizes: list[int] | None = None  # bytes per shard, when a manifest gives them
+    manifest: dict | None = None  # the manifest as read, when the spec is one
+    digest: str | None = None  # of the manifest's bytes (sha256, 10 hex digits)
 
     @property
     def num_samples(self) -> int | None:
@@ -88,7 +91,8 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
         if not path.is_file():
             raise MissingInput(f"shard manifest '{spec}' not found (write shards with launch/make_shards.py)")
         try:
-            manifest = json.loads(path.read_text())
+            text = path.read_bytes()
+            manifest = json.loads(text)
             urls = [_relative_to(path.parent, u["url"]) for u in manifest["shards"]]
             sizes = [u.get("num_bytes") for u in manifest["shards"]]
             counts = [int(u["num_samples"]) for u in manifest["shards"]]
@@ -98,7 +102,8 @@ def resolve_shards(spec: str, *, check_exists: bool = True) -> ShardSet:
                              f"re-create it with launch/make_shards.py --index") from None
         if any(count < 0 for count in counts):
             raise WrongInput(f"shard manifest '{spec}' gives a negative sample count")
-        shards = ShardSet(urls, counts, classes, spec, sizes if None not in sizes else None)
+        shards = ShardSet(urls, counts, classes, spec, sizes if None not in sizes else None, manifest,
+                          hashlib.sha256(text).hexdigest()[:10])
     else:
         urls = [url for part in spec.split("::") for url in braceexpand.braceexpand(part)]
         shards = ShardSet(urls, None, [], spec)
@@ -121,6 +126,28 @@ def shuffle_samples(buffer: int, shards: ShardSet) -> int:
     return max(1, int(buffer // shards.sample_bytes)) if buffer else 0
 
 
+def logical_workers(num_workers: int) -> int:
+    """The streams one rank reads: one per DataLoader worker, one in the rank's process without workers."""
+    return max(num_workers, 1)
+
+
+def stream_count(world_size: int, num_workers: int) -> int:
+    """The streams of a split: ``world_size`` ranks x their logical workers."""
+    return world_size * logical_workers(num_workers)
+
+
+def shards_for_streams(num_shards: int, world_size: int, workers: int) -> str:
+    """How ``num_shards`` serve the training streams of ``world_size`` ranks x ``workers``
+    workers, in one sentence (the trainer logs it, the dry run prints it)."""
+    streams = stream_count(world_size, workers)
+    head = f"{num_shards:,} shards for {world_size} ranks x {logical_workers(workers)} workers = {streams:,} streams"
+    if num_shards >= streams:
+        return f"{head}, {num_shards / streams:.1f} shards each"
+    return (f"{head}. Shards are resampled: each stream draws shards at random, with replacement, so streams may "
+            f"read the same shard at the same time; samples still come in their seeded order and resume exactly. "
+            f"More shards than streams mix better (make_shards.py --world-size/--workers prints a count).")
+
+
 def suggest_shards(num_samples: int, streams: int, max_count: int = DEFAULT_MAX_COUNT) -> tuple[int, int]:
     """(shards, samples per shard) that suit ``streams`` readers (ranks x workers): a multiple of
     the stream count, so evaluation gives every stream whole shards and training streams rarely
@@ -131,12 +158,12 @@ def suggest_shards(num_samples: int, streams: int, max_count: int = DEFAULT_MAX_
 
 def shard_advice(num_samples: int, num_shards: int, world_size: int, workers: int) -> str:
     """One line on how ``num_shards`` suit ``world_size`` ranks x ``workers`` workers."""
-    streams = world_size * max(workers, 1)
+    streams = stream_count(world_size, workers)
     shards, per_shard = suggest_shards(num_samples, streams)
     verdict = "suits it" if num_shards >= streams and num_shards % streams == 0 else (
         "works (resampled training and exact evaluation take any count)")
-    return (f"{num_shards} shards for {world_size} ranks x {max(workers, 1)} workers = {streams} streams: {verdict}; "
-            f"a count that suits them: {shards} shards (make_shards.py --max-count {per_shard})")
+    return (f"{num_shards} shards for {world_size} ranks x {logical_workers(workers)} workers = {streams} streams: "
+            f"{verdict}; a count that suits them: {shards} shards (make_shards.py --max-count {per_shard})")
 
 
 def check_exist(shards: ShardSet) -> None:

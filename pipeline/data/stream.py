@@ -28,7 +28,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import ShardSet, count_samples, is_seekable, shard_members, shard_samples, shuffle_samples
+from pipeline.data.shards import (
+    ShardSet, count_samples, is_seekable, logical_workers, shard_members, shard_samples, shuffle_samples, stream_count,
+)
 from pipeline.data.transforms import stack_images
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ class TrainStream(IterableDataset):
         self.num_classes = num_classes
         self.samples_per_epoch = samples_per_epoch
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
-        self.samples_per_worker_epoch = max(1, samples_per_epoch // (world_size * max(num_workers, 1)))
+        self.samples_per_worker_epoch = max(1, samples_per_epoch // stream_count(world_size, num_workers))
         self.shuffle_buffer = shuffle_samples(shuffle_buffer, shards)
         self.start: dict[int, tuple[int, int, int, int]] = {}  # logical worker -> (epoch, index, skipped, clean)
         self.rotation = 0  # logical worker = (physical + rotation) % workers
@@ -273,7 +275,7 @@ class TrainLoader:
         return self.stream.samples_per_epoch // (self.stream.batch_size * self.stream.world_size)
 
     def __iter__(self) -> Iterator[dict]:
-        workers = max(self.num_workers, 1)
+        workers = logical_workers(self.num_workers)
         self.stream.rotation = self.batches % workers  # the next batch is logical worker (n % workers)'s
         self.stream.start = dict(self.positions)
         loader = DataLoader(
@@ -317,7 +319,8 @@ class TrainLoader:
                 "data position saved with %s workers x %s ranks, now %s x %s: the stream restarts at epoch %d",
                 state["num_workers"], state["world_size"], self.num_workers, self.stream.world_size, next_epoch,
             )
-            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0, 1) for w in range(max(self.num_workers, 1))}
+            workers = range(logical_workers(self.num_workers))
+            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0, 1) for w in workers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +361,7 @@ class EvalStream(IterableDataset):
         self.num_samples = sum(self.counts)
         # Stream (rank r, worker w) holds global samples [lo, hi). Whole shards where there are
         # enough of them (or a shard cannot be opened mid-way); otherwise even sample ranges.
-        workers = max(num_workers, 1)
+        workers = logical_workers(num_workers)
         streams = world_size * workers
         whole = len(self.urls) >= streams or not all(is_seekable(u) for u in self.urls)
         ranges = stream_ranges(self.counts, streams, whole)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
+from pipeline.data.shards import shards_for_streams, stream_count
 from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
 from pipeline.evaluate import Preempted, Tally, eval_stream, run_eval
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
@@ -196,13 +197,8 @@ class Trainer:
     def build_loader(self) -> TrainLoader:
         c, env = self.config, self.env
         shards = resolve_shards(c.data.train_shards)
-        streams = env.world_size * max(c.data.num_workers, 1)
-        if len(shards.urls) < streams and self.is_main:
-            log.info("data.train_shards: %d shards for %d ranks x %d workers = %d streams. Shards are resampled: each "
-                     "stream draws shards at random, with replacement, so streams may read the same shard at the "
-                     "same time; samples still come in their seeded order and resume exactly. More shards than "
-                     "streams mix better (make_shards.py --world-size/--workers prints a count).",
-                     len(shards.urls), env.world_size, max(c.data.num_workers, 1), streams)
+        if len(shards.urls) < stream_count(env.world_size, c.data.num_workers) and self.is_main:
+            log.info("data.train_shards: %s", shards_for_streams(len(shards.urls), env.world_size, c.data.num_workers))
         if c.data.decode == "gpu":
             transform = DeviceTrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip)
             if self.device.type != "cuda" and self.is_main:
