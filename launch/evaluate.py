@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import torch.distributed as dist
 
-        from pipeline.evaluate import Preempted, evaluate
+        from pipeline.evaluate import evaluate
+        from pipeline.train.evaluation import Preempted
         from pipeline.train import signals
         from pipeline.train.distributed import init_process_group
 

@@ -36,6 +36,7 @@ def write_model_folder(folder: Path, state: dict[str, torch.Tensor], config, cla
     where timm can rebuild the model (no pre-logits layer), and ``classifier.json``."""
     from pipeline.model import vit_from_config
     from pipeline.model.weights import export_safetensors
+    from pipeline.train.ds_config import compute_dtype
 
     c = config
     with torch.device("meta"):
@@ -47,7 +48,7 @@ def write_model_folder(folder: Path, state: dict[str, torch.Tensor], config, cla
         "model": c.model.model_dump(mode="json"),
         "preprocess": {"image_size": c.model.image_size, "crop_pct": c.data.crop_pct, "mean": list(c.data.mean),
                        "std": list(c.data.std)},
-        "dtype": "bfloat16" if c.deepspeed.precision == "bf16" else "float32",
+        "dtype": str(compute_dtype(c)).removeprefix("torch."),
         "classes": [classes[i] if i < len(classes) else str(i) for i in range(c.model.num_classes)],
     }, indent=1) + "\n")
     return folder

@@ -4,7 +4,7 @@ figures equal those computed directly from the unmasked rows."""
 import torch
 import torch.nn.functional as F
 
-from pipeline.evaluate import ECE_BINS, Tally
+from pipeline.train.evaluation import ECE_BINS, Tally
 
 
 def test_masked_rows_weigh_nothing_and_figures_match_a_direct_count():

@@ -21,7 +21,6 @@ from pipeline.config import Config
 from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
 from pipeline.data.shards import shards_for_streams, stream_count
 from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
-from pipeline.evaluate import Preempted, Tally, eval_stream, run_eval
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
@@ -30,7 +29,8 @@ from pipeline.train import signals
 from pipeline.train.consolidate import build_model
 from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
-from pipeline.train.ds_config import build_deepspeed_config
+from pipeline.train.ds_config import build_deepspeed_config, compute_dtype
+from pipeline.train.evaluation import Preempted, Tally, eval_stream, run_eval
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
 
@@ -105,7 +105,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
             torch.backends.cudnn.allow_tf32 = True
-        self.dtype = torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(config)
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
         self.decoder = DeviceDecoder(config.model.image_size, self.device)
         self.agreement = StepAgreement(self.device)
