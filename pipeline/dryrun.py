@@ -24,8 +24,7 @@ from pipeline.flops import (
 )
 from pipeline.plan import GB, Assumptions, data_host_memory, format_host_memory, plan, usable_bytes
 from pipeline.tracking import tracking_uri
-from pipeline.train.checkpoint import read_marker
-from pipeline.train.consolidate import checkpoint_dir
+from pipeline.train.checkpoint import checkpoint_dir, read_marker
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
                        "fuse.glusterfs", "fuse.sshfs", "9p", "weka", "wekafs")

@@ -16,7 +16,8 @@ from pipeline.config import Config
 from pipeline.data import Normalize, resolve_shards
 from pipeline.errors import MissingInput, WrongInput
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri, ui_url
-from pipeline.train.consolidate import checkpoint_dir, read_pretrained
+from pipeline.train.checkpoint import checkpoint_dir
+from pipeline.train.consolidate import read_pretrained
 from pipeline.train.distributed import DistEnv, rank_device
 from pipeline.train.ds_config import compute_dtype
 from pipeline.train.evaluation import Tally, eval_model, eval_stream, plot_confusion, run_eval

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -69,6 +70,17 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
     if notes:
         log.info("%s: %s", source, "; ".join(notes))
     return state
+
+
+class LazyTensor:
+    """A tensor of a weights file that is read when ``contiguous()`` asks for it, so a loader
+    holds one tensor of a checkpoint at a time (``shape`` is known before)."""
+
+    def __init__(self, shape, read: Callable[[], torch.Tensor]):
+        self.shape, self._read = torch.Size(shape), read
+
+    def contiguous(self) -> torch.Tensor:
+        return self._read()
 
 
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,10 +1,13 @@
-"""Checkpoints: DeepSpeed's ``save_checkpoint`` on every rank, a completion marker, keep-last-K,
-and resume (same world size, or another one through DeepSpeed's universal checkpoints).
+"""Checkpoints: their layout and completion marker (the one definition every reader and writer
+uses), DeepSpeed's ``save_checkpoint`` on every rank, keep-last-K, and resume (same world size,
+or another one through DeepSpeed's universal checkpoints).
 
 A checkpoint is ``RUN_DIR/checkpoints/stepNNNNNNNN/``. Rank 0 writes ``complete.json`` into it
 only after every rank has saved, so a crash, a full disk or a signal mid-save leaves an
 incomplete directory that resume ignores, and the previous checkpoint as it was. Old checkpoints
-are pruned only after a new one is complete.
+are pruned only after a new one is complete. The marker records the step, the world size, the
+ZeRO stage and the model (:func:`model_signature`); :func:`checkpoint_dir` finds the complete
+checkpoint a run, checkpoints or step directory names.
 """
 
 from __future__ import annotations
@@ -56,16 +59,37 @@ def complete_checkpoints(directory: Path) -> list[Path]:
 
 
 def read_marker(checkpoint: Path) -> dict:
+    """The completion marker: step, time, world size, ZeRO stage and the model (:func:`model_signature`)."""
     return json.loads((checkpoint / COMPLETE).read_text())
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
-    """``never`` -> None; ``auto`` -> the newest complete checkpoint in ``checkpoint_dir`` (or
+def model_signature(config) -> dict:
+    """The architecture, as the completion marker records it (export rebuilds the model from it)."""
+    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
+
+
+def checkpoint_dir(source: str | Path) -> Path:
+    """The complete checkpoint that a run, checkpoints or stepNNNNNNNN directory names."""
+    source = Path(source)
+    if not source.exists():
+        raise MissingInput(f"checkpoint '{source}' does not exist")
+    if (source / COMPLETE).is_file():
+        return source
+    folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+    found = complete_checkpoints(folder)
+    if not found:
+        raise MissingInput(f"'{source}' holds no complete checkpoint (a run directory, its checkpoints/ or a "
+                           f"stepNNNNNNNN directory with {COMPLETE})")
+    return found[-1]
+
+
+def resolve_resume(resume: str, directory: Path) -> Path | None:
+    """``never`` -> None; ``auto`` -> the newest complete checkpoint in ``directory`` (or
     None); a path -> that checkpoint, or the newest complete one in that folder."""
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(checkpoint_dir)
+        found = complete_checkpoints(directory)
         return found[-1] if found else None
     path = Path(resume)
     if (path / COMPLETE).is_file():
@@ -76,17 +100,17 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
     return found[-1]
 
 
-def agree_on_resume(resume: str, checkpoint_dir: Path, model_signature: dict, world_size: int) -> Path | None:
+def agree_on_resume(resume: str, directory: Path, signature: dict, world_size: int) -> Path | None:
     """The checkpoint every rank resumes (see :func:`resolve_resume`), decided by rank 0 alone and
     told to the others, so no rank loads another step from a stale listing of a shared
     filesystem. A checkpoint of another model is refused; one of another world size is
     converted to a universal checkpoint, once, by rank 0."""
 
     def decide() -> str | None:
-        found = resolve_resume(resume, checkpoint_dir)
+        found = resolve_resume(resume, directory)
         if found is None:
             return None
-        check_model(found, model_signature)
+        check_model(found, signature)
         if read_marker(found)["world_size"] != world_size:
             found = convert_to_universal(found)
         return str(found)
@@ -102,6 +126,10 @@ def check_model(checkpoint: Path, model_signature: dict) -> None:
     if differ:
         details = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differ.items())
         raise WrongInput(f"checkpoint {checkpoint} is of another model ({details})")
+
+
+def is_universal(checkpoint: Path) -> bool:
+    return checkpoint.name.endswith(UNIVERSAL)
 
 
 def universal_path(checkpoint: Path) -> Path:

@@ -9,6 +9,7 @@ ranks that do not read hold only their model (benchmarks/load_memory.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from pathlib import Path
@@ -20,39 +21,13 @@ from safetensors import safe_open
 
 from pipeline.errors import MissingInput, WrongInput
 from pipeline.model import VisionTransformer, vit_from_config
-from pipeline.model.weights import HEAD_KEYS, adapt_state_dict, load_safetensors
+from pipeline.model.weights import HEAD_KEYS, LazyTensor, adapt_state_dict, load_safetensors
 from pipeline.train import safe_load
-from pipeline.train.checkpoint import COMPLETE, complete_checkpoints
+from pipeline.train.checkpoint import checkpoint_dir, read_marker
 from pipeline.train.distributed import on_rank0
 from pipeline.train.ema import read_ema_state
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_dir(source: str | Path) -> Path:
-    """The complete checkpoint that a run, checkpoints or stepNNNNNNNN directory names."""
-    source = Path(source)
-    if not source.exists():
-        raise MissingInput(f"checkpoint '{source}' does not exist")
-    if (source / COMPLETE).is_file():
-        return source
-    folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
-    found = complete_checkpoints(folder)
-    if not found:
-        raise MissingInput(f"'{source}' holds no complete checkpoint (a run directory, its checkpoints/ or a "
-                           f"stepNNNNNNNN directory with {COMPLETE})")
-    return found[-1]
-
-
-class _SafetensorsEntry:
-    """One tensor of a safetensors file, read when ``contiguous()`` asks for it."""
-
-    def __init__(self, handle, key: str):
-        self.handle, self.key = handle, key
-        self.shape = torch.Size(handle.get_slice(key).get_shape())
-
-    def contiguous(self) -> torch.Tensor:
-        return self.handle.get_tensor(self.key)
 
 
 def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool = False) -> dict:
@@ -78,7 +53,8 @@ def consolidated_state_dict(source: str | Path, *, lazy: bool = False, ema: bool
         if not Path(source).is_file():
             raise MissingInput(f"weights file '{source}' not found")
         handle = safe_open(str(source), framework="pt")
-        return {key: _SafetensorsEntry(handle, key) for key in handle.keys()}
+        return {key: LazyTensor(handle.get_slice(key).get_shape(), functools.partial(handle.get_tensor, key))
+                for key in handle.keys()}
     source = checkpoint_dir(source)
     model_states = source / "mp_rank_00_model_states.pt"
     optim_files = sorted(source.glob("*zero_pp_rank_*_optim_states.pt"))
@@ -204,7 +180,6 @@ def export_checkpoint(source: str | Path, out: str | Path, ema: bool = False) ->
     its EMA weights with ``ema``. Returns both paths and the parameter count."""
     from pipeline.config import ModelConfig
     from pipeline.model.weights import export_safetensors
-    from pipeline.train.checkpoint import read_marker
 
     source = checkpoint_dir(source)
     with torch.device("meta"):  # the model the marker records, built as training built it; no memory

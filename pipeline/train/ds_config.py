@@ -22,7 +22,9 @@ def build_eval_deepspeed_config(config: Config, world_size: int) -> dict:
             "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}
 
 
-def build_deepspeed_config(config: Config, world_size: int) -> dict:
+def build_deepspeed_config(config: Config, world_size: int, *, load_universal: bool = False) -> dict:
+    """DeepSpeed's training config; ``load_universal`` when the run resumes a universal checkpoint
+    (one converted from another world size)."""
     ds, train = config.deepspeed, config.train
     # Gradient communication, stage by stage (DeepSpeed 0.19):
     # - ZeRO-2/3 reduce-scatter gradients in buckets from hooks while the backward pass goes on
@@ -69,4 +71,5 @@ def build_deepspeed_config(config: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,  # our AdamW / SGD with parameter groups
         "steps_per_print": 2**31 - 1,  # the trainer does its own logging
         "wall_clock_breakdown": False,
+        **({"checkpoint": {"load_universal": True}} if load_universal else {}),
     }

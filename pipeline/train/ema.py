@@ -30,6 +30,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from pipeline.model.weights import LazyTensor
+
 EMA_DIR = "ema"
 BUCKET_ELEMENTS = 1 << 27  # ZeRO-1/2: parameters all-reduced in buckets of this many elements
 
@@ -188,11 +190,12 @@ def has_ema(checkpoint: Path) -> bool:
     return any((Path(checkpoint) / EMA_DIR).glob("rank*.safetensors"))
 
 
-class _EmaEntry:
+class _EmaEntry(LazyTensor):
     """One whole EMA tensor of a checkpoint, assembled from the ranks' files on ``contiguous()``."""
 
     def __init__(self, key: str, shape: list[int]):
-        self.key, self.shape = key, torch.Size(shape)
+        super().__init__(shape, self._assemble)
+        self.key = key
         self.pieces: list[tuple[Path, int, int]] = []  # (rank file, start in the flattened tensor, length)
 
     def read_into(self, out: torch.Tensor, start: int) -> int:
@@ -207,7 +210,7 @@ class _EmaEntry:
                 filled += hi - lo
         return filled
 
-    def contiguous(self) -> torch.Tensor:
+    def _assemble(self) -> torch.Tensor:
         out = torch.empty(self.shape.numel(), dtype=torch.float32)
         filled = self.read_into(out, 0)
         if filled != out.numel():

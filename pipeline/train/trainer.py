@@ -42,11 +42,6 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def model_signature(config: Config) -> dict:
-    """The architecture, as the checkpoint marker records it (export rebuilds the model from it)."""
-    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
-
-
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -91,6 +86,8 @@ class Trainer:
 
     def __init__(self, config: Config, env: DistEnv):
         self.config, self.env = config, env
+        self.tracker: Tracker | None = None  # close() may run after a failed construction
+        self.system_metrics = None
         self.is_main = env.is_main
         self.run_dir = config.run.run_dir
         self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
@@ -100,7 +97,6 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.yaml")
-        self.ds_config = build_deepspeed_config(config, env.world_size)
         self.device = rank_device(env)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
@@ -116,29 +112,24 @@ class Trainer:
             (self.run_dir / "ranks.json").write_text(json.dumps(self.placements, indent=1))
         self.loader = self.build_loader()
         self.eval_stream = eval_stream(config, env)[0] if config.train.eval_every else None
-        resume = self.agree_on_resume()
+        resume = ckpt.agree_on_resume(config.train.resume, self.checkpoints.directory, ckpt.model_signature(config),
+                                      env.world_size)
+        self.ds_config = build_deepspeed_config(config, env.world_size,
+                                                load_universal=resume is not None and ckpt.is_universal(resume))
         self.engine = self.build_engine(resume)
         self.schedule()
         run_id = self.resume(resume)
         self.ema = self.build_ema(resume)
-        self.tracker = self.start_tracking(run_id)
+        self.tracker, self.system_metrics = self.start_tracking(run_id)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
 
     # -- construction -------------------------------------------------------------------------
-
-    def agree_on_resume(self) -> Path | None:
-        c = self.config
-        resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, model_signature(c),
-                                      self.env.world_size)
-        if resume is not None and resume.name.endswith(ckpt.UNIVERSAL):
-            self.ds_config["checkpoint"] = {"load_universal": True}
-        return resume
 
     def build_engine(self, resume: Path | None) -> deepspeed.DeepSpeedEngine:
         c = self.config
         seed_everything(c.run.seed)  # the same initial weights on every rank
         init_from = c.finetune.init_from if c.run.stage == "finetune" and resume is None else None
-        model = self.build_model(pretrained=init_from, ema=c.finetune.use_ema)
+        model = self.make_model(pretrained=init_from, ema=c.finetune.use_ema)
         optimizer = build_optimizer(model, c.optim, offload=c.deepspeed.offload_optimizer != "none", device=self.device)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         seed_everything(c.run.seed + 1000 * self.env.rank)  # dropout and mixing differ per rank
@@ -181,7 +172,8 @@ class Trainer:
                 log.warning("train.ema_decay: checkpoint %s holds no EMA; the EMA starts from its weights", source)
         return ema
 
-    def build_model(self, pretrained: str | None, ema: bool = False) -> VisionTransformer:
+    def make_model(self, pretrained: str | None, ema: bool = False) -> VisionTransformer:
+        """The configured model on every rank (ZeRO-3: partitioned), with its training options."""
         config = self.config
         model = build_model(config.model, device=self.device, ds_config=self.ds_config,
                             zero3=config.deepspeed.zero_stage == 3, pretrained=pretrained,
@@ -220,7 +212,8 @@ class Trainer:
                      f"{int(c.data.shuffle_buffer):,}", stream.shuffle_buffer, shards.sample_bytes / 1e3)
         return TrainLoader(stream, pin_memory=self.device.type == "cuda")
 
-    def start_tracking(self, run_id: str | None) -> Tracker:
+    def start_tracking(self, run_id: str | None):
+        """The run's tracker (rank 0's does the work), and this node's system-metrics monitor or None."""
         c = self.config
         uri = tracking_uri(c.run.tracking_uri)
         tracker = Tracker(uri=uri, experiment=c.run.experiment, run_name=c.run.name, tags=stage_tags(c, c.run.stage),
@@ -229,9 +222,10 @@ class Trainer:
         dist.broadcast_object_list(shared, src=0)  # every rank knows the run it belongs to
         tracker.run_id = shared[0] or tracker.run_id
         # One rank per node; other nodes than rank 0's only to a server (a sqlite file has one writer).
+        system_metrics = None
         if self.env.local_rank == 0 and (self.is_main or not uri.startswith("sqlite:")):
-            self.system_metrics = start_system_metrics(uri, tracker.run_id, c.run.system_metrics_interval,
-                                                       resume=run_id is not None)
+            system_metrics = start_system_metrics(uri, tracker.run_id, c.run.system_metrics_interval,
+                                                  resume=run_id is not None)
         if self.is_main:
             datasets = {context: describe_shards(spec, context) for spec, context in
                         ((c.data.train_shards, "training"), (c.data.eval_shards, "evaluation")) if spec}
@@ -241,7 +235,7 @@ class Trainer:
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
             tracker.log_text(json.dumps(self.placements, indent=1), "ranks.json")
-        return tracker
+        return tracker, system_metrics
 
     # -- training -----------------------------------------------------------------------------
 
@@ -442,14 +436,14 @@ class Trainer:
     def save(self) -> Path:
         """Save a checkpoint (collective); rank 0 logs it as an MLflow LoggedModel, and marks the
         ones pruned, through the tracker's queue."""
-        path = self.checkpoints.save(self.engine, self.step, self.state_dict(), model_signature(self.config),
+        path = self.checkpoints.save(self.engine, self.step, self.state_dict(), ckpt.model_signature(self.config),
                                      extra=self.ema.save if self.ema is not None else None)
         if self.is_main:
             self.tracker.log_checkpoint(self.step, path, ckpt.complete_checkpoints(self.checkpoints.directory))
         return path
 
     def close(self, status: str = "FINISHED") -> None:
-        if getattr(self, "system_metrics", None) is not None:
+        if self.system_metrics is not None:
             self.system_metrics.finish()
-        if hasattr(self, "tracker"):
+        if self.tracker is not None:
             self.tracker.close(status)

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from pipeline.config import ModelConfig
 from pipeline.model import resample_pos_embed
-from pipeline.train.consolidate import checkpoint_dir, consolidated_state_dict, read_pretrained
+from pipeline.train.checkpoint import checkpoint_dir
+from pipeline.train.consolidate import consolidated_state_dict, read_pretrained
 from pipeline.train.ema import read_ema_state
 
 from tests.helpers import ROOT, metrics, run_deepspeed, train_args
