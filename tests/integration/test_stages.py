@@ -205,7 +205,8 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_everywhere(stages, tmp_p
 
 def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
     """Each mistake through the deepspeed launcher on 2 ranks: exactly one 'error:' line (rank 0's),
-    no traceback, exit status 2; --debug shows the traceback."""
+    no traceback, exit status 2; --debug shows the traceback. The launches run side by side (each
+    mostly imports, and its other rank waits before it exits)."""
     import shutil
 
     from tests.helpers import deepspeed_cmd, launch_env
@@ -215,8 +216,10 @@ def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
     shutil.copytree(shards, broken)
     next(broken.glob("train-*.tar")).unlink()
 
+    runs = iter(range(100))  # a run directory each: the launches run at once
+
     def train(*extra):
-        return ("launch/train.py", *train_args(shards, out, "mistake", "run.tracking_uri=none", *extra))
+        return ("launch/train.py", *train_args(shards, out, f"mistake{next(runs)}", "run.tracking_uri=none", *extra))
 
     evaluate = ("launch/evaluate.py", "--config", "configs/demo/evaluate.yaml", "--checkpoint",
                 str(stages["out"] / "pre"), f"data.eval_shards={shards}/val.json", f"run.output_dir={out}",
@@ -230,10 +233,12 @@ def test_each_user_mistake_is_one_error_line_on_two_ranks(stages, tmp_path):
         "tracking URI": (train("run.tracking_uri=sqlite:////nonexistent/dir/mlflow.db"), "/nonexistent/dir"),
         "init_from": (train("run.stage=finetune", "finetune.init_from=/nonexistent/run"), "/nonexistent/run"),
     }
-    for name, ((script, *args), expected) in mistakes.items():
-        result = subprocess.run(deepspeed_cmd(script, 2, *args), cwd=ROOT, env=launch_env(), capture_output=True,
-                                text=True, timeout=300)
-        text = result.stdout + result.stderr
+    launched = {name: subprocess.Popen(deepspeed_cmd(script, 2, *args), cwd=ROOT, env=launch_env(), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for name, ((script, *args), _) in mistakes.items()}
+    for name, (_, expected) in mistakes.items():
+        result = launched[name]
+        text, _ = result.communicate(timeout=600)
         errors = [line for line in text.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, f"{name}: {errors}\n{text[-3000:]}"
         assert expected in text[text.index(errors[0]):], f"{name}: {text[-3000:]}"  # the message, with its detail lines
