@@ -92,7 +92,7 @@ def mlflow_model(config: Config, report: dict, classes: list[str], out: Path) ->
     """The weights evaluated (as the evaluation read them: its resolution, EMA or not) as an
     MLflow pyfunc model at ``out/model`` (:mod:`pipeline.serving`), with the first images of the
     evaluation shards as its input example."""
-    from pipeline.data.shards import shard_samples
+    from pipeline.data.tarindex import shard_samples
     from pipeline.data.stream import IMAGE_KEYS
     from pipeline.serving import save_pyfunc, write_model_folder
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
-from pipeline.data.shards import ordered_map, resolve_shards, shard_advice
+from pipeline.data.shards import resolve_shards, shard_advice
+from pipeline.data.tarindex import ordered_map
 from pipeline.data.stream import decode_sample
 from pipeline.data.transforms import decode_rgb
 

@@ -28,9 +28,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.shards import (
-    ShardSet, count_samples, is_seekable, logical_workers, shard_members, shard_samples, shuffle_samples, stream_count,
-)
+from pipeline.data.shards import ShardSet, is_seekable, logical_workers, shuffle_samples, stream_count
+from pipeline.data.tarindex import count_samples, shard_members, shard_samples
 from pipeline.data.transforms import stack_images
 
 log = logging.getLogger(__name__)

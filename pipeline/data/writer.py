@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from pipeline.data.shards import DEFAULT_MAX_COUNT, index_shard, ordered_map, sidecar_path, write_sidecar
+from pipeline.data.shards import DEFAULT_MAX_COUNT
+from pipeline.data.tarindex import index_shard, ordered_map, sidecar_path, write_sidecar
 from pipeline.data.sources import Item, Source
 
 log = logging.getLogger(__name__)

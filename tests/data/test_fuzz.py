@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.shards import ShardIndex, count_samples, resolve_shards, shard_members, shard_samples
+from pipeline.data.shards import resolve_shards
+from pipeline.data.tarindex import ShardIndex, count_samples, shard_members, shard_samples
 from pipeline.errors import UserError
 
 NAMED = (tarfile.TarError, UserError)

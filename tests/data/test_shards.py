@@ -144,7 +144,7 @@ def test_preflight_reports_bad_samples_by_shard_and_key(tmp_path, make_shards):
 
 
 def test_tar_headers_give_sample_counts_and_offsets(make_shards, tmp_path):
-    from pipeline.data.shards import count_samples, shard_samples
+    from pipeline.data.tarindex import count_samples, shard_samples
 
     spec, keys = make_shards([7])
     url = resolve_shards(spec).urls[0]
@@ -160,7 +160,7 @@ def test_header_walk_finds_what_webdataset_reads(tmp_path, fmt):
     GNU long names, ustar name prefixes."""
     import tarfile
 
-    from pipeline.data.shards import count_samples, shard_members, shard_samples
+    from pipeline.data.tarindex import count_samples, shard_members, shard_samples
 
     path = tmp_path / f"{fmt}.tar"
     stem = {"pax-float-mtime": "k", "ustar-prefix": "d" * 120 + "/k"}.get(fmt, "d" * 120 + "/" + "k" * 30)
@@ -190,7 +190,7 @@ def test_sample_index_sidecars_are_written_read_and_refused_when_stale(tmp_path,
     bytes each time. A sidecar that no longer fits its shard is refused with a warning at load
     (size, first/middle/last headers) or, for another member, when it is read: the headers are
     walked again and the samples are right."""
-    from pipeline.data.shards import ShardIndex, shard_index, shard_members, sidecar_path, write_sidecar
+    from pipeline.data.tarindex import ShardIndex, shard_index, shard_members, sidecar_path, write_sidecar
 
     write_shards(synthetic_source(30, side=24), tmp_path / "own", val_fraction=0.0, max_count=12, progress=False)
     tars = sorted((tmp_path / "own").glob("*.tar"))
@@ -214,14 +214,14 @@ def test_sample_index_sidecars_are_written_read_and_refused_when_stale(tmp_path,
     assert sidecar_path(shard).is_file()
     write(shard, [100, 400, 100, 100, 100], 50)  # same offsets (512-byte blocks), sample 1 larger
     assert sidecar_path(shard).stat().st_size and shard_index(str(shard)).files["jpg"][1, 1] == 100  # fits at load
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.tarindex"):
         got = dict(shard_members(str(shard), [1, 3]))
     assert "stale at sample 1" in caplog.text
     expected = list(wds.tarfile_samples([{"url": str(shard)}]))
     assert got[1]["jpg"] == expected[1]["jpg"] == bytes([51]) * 400 and got[3]["jpg"] == expected[3]["jpg"]
     write(shard, [900] * 6, 0)  # another size: refused at load
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.tarindex"):
         assert len(shard_index(str(shard))) == 6
     assert "does not fit its shard" in caplog.text
 

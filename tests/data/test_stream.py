@@ -56,15 +56,15 @@ def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch, ind
     falls back to reading, and a pre-existing 3-field position too. With sample index sidecars
     no tar header is walked."""
     import pipeline.data.stream as stream_module
-    from pipeline.data import shards as shards_module
+    from pipeline.data import tarindex
 
     spec, _ = make_shards([10] * 20)
     if indexed:
         for url in resolve_shards(spec).urls:
-            shards_module.write_sidecar(url)
+            tarindex.write_sidecar(url)
     walks = []
-    original_walk = shards_module.ShardIndex.walk
-    monkeypatch.setattr(shards_module.ShardIndex, "walk", classmethod(
+    original_walk = tarindex.ShardIndex.walk
+    monkeypatch.setattr(tarindex.ShardIndex, "walk", classmethod(
         lambda cls, path: walks.append(path) or original_walk(path)))
     counts = [10] * 20
     straight = take(train_loader(spec, samples_per_epoch=200, counts=counts), 44)
@@ -96,7 +96,7 @@ def test_deep_resume_reads_only_the_shuffle_buffer(make_shards, monkeypatch, ind
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"batch {40 + i}")
         return len(read)
 
-    shards_module._cached_index.cache_clear()
+    tarindex._cached_index.cache_clear()
     replayed = resumed(state["positions"]["0"])
     assert replayed <= 16 + 4 * 4 + 10, replayed
     assert (len(walks) == 0) == indexed, walks

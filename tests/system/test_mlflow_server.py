@@ -148,7 +148,7 @@ def test_each_kept_checkpoint_is_a_logged_model_with_its_validation(tracked):
 
 def val_images(tracked) -> tuple[list[bytes], list[int]]:
     from pipeline.data import resolve_shards
-    from pipeline.data.shards import shard_samples
+    from pipeline.data.tarindex import shard_samples
 
     images, labels = [], []
     for url in resolve_shards(f"{tracked['shards']}/val.json").urls:
