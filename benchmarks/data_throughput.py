@@ -6,7 +6,7 @@ JPEG q=90, written into WebDataset shards. Measures images/s in one process with
 one DataLoader worker gets), alternating the paths round by round (with data.decode=gpu's share
 of the worker: header, box and flip); a worker's other work per image (tar read, sample RNG,
 batch stacking, the batch's move to shared memory); the end-to-end training loader with 1 and 2
-workers; on CUDA, DeviceDecoder's images/s per GPU; then the time to a worker's first batch when
+workers; on CUDA, BatchFinisher's images/s per GPU; then the time to a worker's first batch when
 it resumes at 90% of a 100,000-sample epoch, against a fresh start (`resume_deep_vs_start`,
 target <= 2.0). Prints a table, then one JSON line.
 
@@ -163,12 +163,13 @@ def resume_cost(tmp: Path, samples: int, rounds: int) -> dict[str, float]:
 
 def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
     """data.decode=gpu on CUDA: batches of 64 JPEGs left encoded by DeviceTrainTransform, finished
-    by DeviceDecoder (nvJPEG batch decode, crop, resize, flip on the GPU), images/s."""
+    by BatchFinisher (nvJPEG batch decode, crop, resize, flip on the GPU), images/s."""
     if not torch.cuda.is_available():
         return None
-    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, stack_images
+    from pipeline.data.device import BatchFinisher
+    from pipeline.data.transforms import DeviceTrainTransform, stack_images
 
-    transform, decoder, rng = DeviceTrainTransform(224), DeviceDecoder(224, "cuda"), random.Random(0)
+    transform, decoder, rng = DeviceTrainTransform(224), BatchFinisher(224, "cuda"), random.Random(0)
     crops = [transform(data, rng) for data in images * passes]
     batches = [{**stack_images(crops[i:i + 64]), "labels": torch.zeros(len(crops[i:i + 64]), dtype=torch.int64)}
                for i in range(0, len(crops), 64)]
@@ -294,7 +295,7 @@ def main() -> None:
             gpu = gpu_decode_rate(images, args.passes)
             if gpu is not None:
                 figures[f"gpu_decode_{label}_img_s"] = round(gpu, 1)
-                rows.append((label, torch.cuda.get_device_name(), "data.decode=gpu: DeviceDecoder, batches of 64", gpu))
+                rows.append((label, torch.cuda.get_device_name(), "data.decode=gpu: BatchFinisher, batches of 64", gpu))
             if args.candidates:
                 for key, name, rate, diff in decode_candidates(images, (width, height), args.rounds):
                     figures[f"candidate_{label}_{key}_img_s"] = round(rate, 1)

@@ -249,7 +249,8 @@ def phase_decode(args) -> dict:
 
     import torch
 
-    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, TrainTransform, stack_images
+    from pipeline.data.device import BatchFinisher
+    from pipeline.data.transforms import DeviceTrainTransform, TrainTransform, stack_images
 
     device = torch.device(args.device)
     size, per_batch = (16, 8) if args.tiny else (224, 64)
@@ -258,7 +259,7 @@ def phase_decode(args) -> dict:
         images = photos(width, height, 4 if args.tiny else 16)
         crops = [DeviceTrainTransform(size)(data, random.Random(i)) for i, data in enumerate(images)]
         reference = torch.stack([TrainTransform(size)(data, random.Random(i)) for i, data in enumerate(images)])
-        decoder = DeviceDecoder(size, device)
+        decoder = BatchFinisher(size, device)
         got, _ = decoder({**stack_images(crops), "labels": torch.zeros(len(crops), dtype=torch.int64)})
         diff = (got.cpu().int() - reference.int()).abs().float()
         passes = 1 if args.tiny else max(1, 4 * per_batch // len(images))
@@ -288,17 +289,18 @@ def race(size: int, device, tiny: bool) -> dict:
 
     import torch
 
-    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, stack_images
+    from pipeline.data.device import BatchFinisher
+    from pipeline.data.transforms import DeviceTrainTransform, stack_images
 
     images = photos(1600, 1200, 16)
     batch = {**stack_images([DeviceTrainTransform(size, hflip=0)(d, random.Random(i)) for i, d in enumerate(images)]),
              "labels": torch.zeros(len(images), dtype=torch.int64)}
-    expected, _ = DeviceDecoder(size, device)(batch)
+    expected, _ = BatchFinisher(size, device)(batch)
     expected = expected.clone()
     torch.cuda.synchronize()
     out = {}
     for side in (True, False):
-        decoder, wrong = DeviceDecoder(size, device, side_stream=side), 0
+        decoder, wrong = BatchFinisher(size, device, side_stream=side), 0
         for _ in range(30):
             work = [torch.randn(4096, 4096, device=device) for _ in range(4)]
             for _ in range(8):

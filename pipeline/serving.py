@@ -61,7 +61,7 @@ class Classifier:
         from safetensors.torch import load_file
 
         from pipeline.config import ModelConfig
-        from pipeline.data.transforms import EvalTransform, Normalize
+        from pipeline.data import EvalTransform, Normalize
         from pipeline.model import vit_from_config
 
         folder = Path(folder)

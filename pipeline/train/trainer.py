@@ -18,9 +18,11 @@ from pydantic import ByteSize
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards
+from pipeline.data import (
+    BatchFinisher, Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards,
+)
 from pipeline.data.shards import shards_for_streams, stream_count
-from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform
+from pipeline.data.transforms import DeviceTrainTransform
 from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
 from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
@@ -103,7 +105,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.dtype = compute_dtype(config)
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
-        self.decoder = DeviceDecoder(config.model.image_size, self.device)
+        self.decoder = BatchFinisher(config.model.image_size, self.device)
         self.agreement = StepAgreement(self.device)
 
         self.placements = gather_placements(env, self.device)

@@ -8,9 +8,10 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import RandomResizedCrop, v2
 
+from pipeline.data.device import Normalize, batch_mixer
 from pipeline.data.transforms import (
-    Encoded, EvalTransform, TrainTransform, baseline_train_transform, batch_mixer, crop_resize, decode_rgb, Normalize,
-    open_image, sample_crop_box, to_rgb,
+    Encoded, EvalTransform, TrainTransform, baseline_train_transform, crop_resize, decode_rgb, open_image,
+    sample_crop_box, to_rgb,
 )
 
 from .conftest import jpeg_bytes, make_image
@@ -188,11 +189,12 @@ def test_normalize_and_mixing():
 
 def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
     """data.decode=gpu, run on the CPU: whole RGB and grayscale JPEGs are left encoded by the
-    worker and finished by DeviceDecoder into the same pixels, box and flip as TrainTransform
+    worker and finished by BatchFinisher into the same pixels, box and flip as TrainTransform
     (boxes under twice the size: the same decoder); PNG, CMYK, EXIF-rotated and truncated
     samples go the CPU path in the worker (a truncated one fails there, as on the CPU path);
     a JPEG that fails on the device is counted and its place taken by another of the batch."""
-    from pipeline.data.transforms import DeviceDecoder, DeviceTrainTransform, JpegCrop, stack_images
+    from pipeline.data.device import BatchFinisher
+    from pipeline.data.transforms import DeviceTrainTransform, JpegCrop, stack_images
 
     rng = np.random.default_rng(0)
     rgb = [Image.fromarray(make_image(rng, 24, 32)) for _ in range(4)]
@@ -223,13 +225,13 @@ def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
         expected.append(reference)
         produced.append(out)
         labels.append(i)
-    decoder = DeviceDecoder(16, "cpu")
+    decoder = BatchFinisher(16, "cpu")
     images, got_labels = decoder({**stack_images(produced), "labels": torch.tensor(labels)})
     torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
     assert got_labels.tolist() == labels and decoder.failed == 0
     # The GPU's way (boxes resampled in float, then the batch rounded, flipped and placed at once):
     # the same images, within one level of the uint8 kernel's rounding.
-    batched, _ = DeviceDecoder(16, "cpu", batched=True)({**stack_images(produced), "labels": torch.tensor(labels)})
+    batched, _ = BatchFinisher(16, "cpu", batched=True)({**stack_images(produced), "labels": torch.tensor(labels)})
     assert (batched.int() - images.int()).abs().max() <= 1
 
     broken = JpegCrop(whole[:len(whole) // 2] + b"\xff\xd9", (0, 0, 8, 8), False)  # whole-looking, undecodable
