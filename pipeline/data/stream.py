@@ -21,7 +21,7 @@ import logging
 import math
 import random
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -128,6 +128,17 @@ def shuffled(data: Iterator, buf: list, bufsize: int, initial: int, rng: random.
             yield wds.filters.pick(buf, rng)
 
 
+class Position(NamedTuple):
+    """Where a worker's stream stands: its epoch, the samples of the epoch it has read, the
+    samples it skipped (unreadable), and whether the epoch read every shard without a failure
+    (then a resume may replay the shuffle from the manifest's counts instead of reading)."""
+
+    epoch: int = 0
+    index: int = 0
+    skipped: int = 0
+    clean: int = 1
+
+
 class TrainStream(IterableDataset):
     """Infinite training batches ``{"images": uint8 (b,3,S,S), "labels": int64 (b,)}`` for one rank
     (with a :class:`~pipeline.data.transforms.DeviceTrainTransform`, JPEGs are left encoded:
@@ -162,7 +173,7 @@ class TrainStream(IterableDataset):
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
         self.samples_per_worker_epoch = max(1, samples_per_epoch // stream_count(world_size, num_workers))
         self.shuffle_buffer = shuffle_samples(shuffle_buffer, shards)
-        self.start: dict[int, tuple[int, int, int, int]] = {}  # logical worker -> (epoch, index, skipped, clean)
+        self.start: dict[int, Position] = {}  # logical worker -> where it starts
         self.rotation = 0  # logical worker = (physical + rotation) % workers
 
     def epoch_samples(self, worker: int, epoch: int, errors: _ShardErrors, start: int = 0,
@@ -222,7 +233,7 @@ class TrainStream(IterableDataset):
         info = get_worker_info()
         workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + self.rotation) % workers
-        epoch, index, skipped, clean = self.start.get(worker, (0, 0, 0, 1))
+        epoch, index, skipped, clean = self.start.get(worker, Position())
         errors = _ShardErrors()
         images, labels = [], []
         while True:
@@ -261,12 +272,12 @@ class TrainLoader:
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
         self.batches = 0
-        self.positions: dict[int, tuple[int, int, int, int]] = {}
+        self.positions: dict[int, Position] = {}
 
     @property
     def skipped(self) -> int:
         """Samples (and unreadable shard reads) skipped so far on this rank."""
-        return sum(p[2] for p in self.positions.values())
+        return sum(p.skipped for p in self.positions.values())
 
     @property
     def steps_per_epoch(self) -> int:
@@ -290,7 +301,7 @@ class TrainLoader:
         )
         for batch in loader:
             worker, *position = batch.pop("position").tolist()
-            self.positions[worker] = tuple(position)
+            self.positions[worker] = Position(*position)
             self.batches += 1
             yield batch
 
@@ -305,21 +316,21 @@ class TrainLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.batches = int(state["batches"])
-        # (epoch, index, skipped, clean); a position saved before `clean` existed replays by reading
-        positions = {int(k): (*v, 0)[:4] for k, v in state["positions"].items()}
+        # a position saved before `clean` existed replays by reading
+        positions = {int(k): Position(*(*v, 0)[:4]) for k, v in state["positions"].items()}
         same = state["num_workers"] == self.num_workers and state["world_size"] == self.stream.world_size
         if same:
             self.positions = positions
         else:
             # Another layout cannot replay the same order: start every worker on a fresh epoch.
-            next_epoch = 1 + max((p[0] for p in positions.values()), default=-1)
-            skipped = sum(p[2] for p in positions.values())
+            next_epoch = 1 + max((p.epoch for p in positions.values()), default=-1)
+            skipped = sum(p.skipped for p in positions.values())
             log.warning(
                 "data position saved with %s workers x %s ranks, now %s x %s: the stream restarts at epoch %d",
                 state["num_workers"], state["world_size"], self.num_workers, self.stream.world_size, next_epoch,
             )
             workers = range(logical_workers(self.num_workers))
-            self.positions = {w: (next_epoch, 0, skipped if w == 0 else 0, 1) for w in workers}
+            self.positions = {w: Position(next_epoch, 0, skipped if w == 0 else 0, 1) for w in workers}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pipeline.model import VisionTransformer
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
+from pipeline.train.cadence import Cadence
 from pipeline.train.consolidate import build_model
 from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
@@ -297,7 +298,7 @@ class Trainer:
     def train(self) -> int:
         """Train to ``total_steps`` (or ``stop_at_step``, or a signal). Returns the exit status:
         0, or :data:`EXIT_PREEMPTED` after a signal-triggered save."""
-        c = self.config.train
+        cadence = Cadence.of(self.config.train, self.total_steps)
         batches = iter(self.loader)
         meter = Meter()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
@@ -305,20 +306,20 @@ class Trainer:
         postfix: dict[str, str] = {}
         status = 0
         try:
-            while self.step < self.total_steps:
+            while not cadence.should_end(self.step):
                 stop = self.train_step(batches, meter)
                 bar.update(1)
-                save = stop or self.step % c.checkpoint_every == 0 or self.step in (c.stop_at_step, self.total_steps)
+                save = stop or cadence.should_checkpoint(self.step)
                 if save:
                     stop |= self.settle()
-                if self.step % c.log_every == 0 or self.step == self.total_steps:
+                if cadence.should_log(self.step):
                     record = self.log_window(meter)
                     postfix.update(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                    img_s=f"{record['images_per_s']:.0f}")
                     bar.set_postfix(postfix)
                 if save:
                     self.save()
-                if not stop and c.eval_every and (self.step % c.eval_every == 0 or self.step == self.total_steps):
+                if not stop and cadence.should_validate(self.step):
                     try:
                         record = self.validate(meter)
                         postfix["val_top1"] = f"{record['val/top1']:.4f}"
@@ -335,8 +336,6 @@ class Trainer:
                     if self.is_main:
                         signals.mark_preempted(f"step {self.step}")
                     status = EXIT_PREEMPTED
-                    break
-                if self.step == c.stop_at_step:
                     break
         finally:
             bar.close()
