@@ -314,9 +314,10 @@ class Tracker:
                         raise
         elif kind == "metrics":
             metrics, step, timestamp = payload
-            model_id = self._checkpoint_models.get(step)
-            client.log_batch(run_id, metrics=[self._metric(k, v, timestamp, step, model_id if k.startswith("val") else
-                                                           None) for k, v in metrics.items()])
+            model_id = self._checkpoint_models.get(step)  # a checkpoint's validation is linked to it
+            batch = [self._metric(k, v, timestamp, step, model_id if k.startswith("val") else None)
+                     for k, v in metrics.items()]
+            client.log_batch(run_id, metrics=batch)
         elif kind == "checkpoint":
             self._send_checkpoint(*payload)
         elif kind == "model":
@@ -348,8 +349,9 @@ class Tracker:
         from mlflow.entities import LoggedModelOutput
 
         client = self._client
-        models = client.search_logged_models([self.experiment_id], filter_string=f"source_run_id = '{self.run_id}'",
-                                             max_results=1000)  # a retried request finds what it made
+        # This run's kept checkpoints: a few, however long the run (a retried request finds what it made)
+        query = f"source_run_id = '{self.run_id}' AND tags.checkpoint_state = 'kept'"
+        models = client.search_logged_models([self.experiment_id], filter_string=query)
         found = next((m for m in models if m.tags.get("checkpoint") == path), None)
         if found is None:
             tags = {MODEL_IS_EXTERNAL: "true", "checkpoint": path, "checkpoint_state": "kept",
@@ -360,7 +362,7 @@ class Tracker:
             client.log_outputs(self.run_id, [LoggedModelOutput(found.model_id, step=step)])
         self._checkpoint_models[step] = found.model_id
         for model in models:
-            if model.tags.get("checkpoint") not in kept and model.tags.get("checkpoint_state") != "pruned":
+            if model.tags.get("checkpoint") not in kept:
                 client.set_logged_model_tags(model.model_id, {"checkpoint_state": "pruned"})
 
     def _send_model(self, path: str, metrics: dict[str, float], register: str | None) -> None:
