@@ -97,9 +97,10 @@ def describe_shards(spec: str, context: str) -> dict[str, str]:
     shard counts; ``context`` is 'training' or 'evaluation'."""
     from pipeline.data.shards import resolve_shards
 
-    shards = resolve_shards(spec, check_exists=False)
-    if shards.manifest is not None:
-        path, manifest = Path(spec), shards.manifest
+    path = Path(spec)
+    shards = resolve_shards(spec, check_exists=False) if spec.endswith(".json") and path.is_file() else None
+    if shards is not None and shards.manifest is not None:
+        manifest = shards.manifest
         name, digest = f"{path.parent.name}/{manifest.get('split', path.stem)}", shards.digest
         profile = {"num_samples": manifest.get("num_samples"), "num_classes": manifest.get("num_classes"),
                    "num_shards": len(shards.urls)}

@@ -199,3 +199,12 @@ def test_the_evaluated_model_is_logged_and_registered(tmp_path):
     linked = {(m.key, m.value, m.dataset_name) for m in model.metrics}
     assert linked == {("top1", 0.75, "digits/val"), ("loss", 0.5, "digits/val")}
     assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["MLmodel"]
+
+
+def test_a_dataset_without_a_manifest_on_disk_is_described_by_its_spec(tmp_path):
+    """A stage that does not read its eval shards (train.eval_every: null) may name a manifest
+    that is not there: describing it must not fail."""
+    from pipeline.tracking import describe_shards
+
+    missing = describe_shards(str(tmp_path / "nowhere" / "val.json"), "evaluation")
+    assert missing["name"] == "val.json" and missing["profile"] == "{}" and len(missing["digest"]) == 10
