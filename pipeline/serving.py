@@ -136,13 +136,21 @@ def _load_pyfunc(data_path: str) -> Classifier:
 
 
 def requirements() -> list[str]:
-    """The pipeline's own requirements, as installed (the model runs in the pipeline's environment)."""
-    names = ["torch", "torchvision", "safetensors", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "simplejpeg",
-             "webdataset", "mlflow"]
+    """The pipeline's own requirements (its ``pyproject.toml`` dependencies, as the installed
+    distribution declares them), pinned at their installed versions: the model runs in the
+    pipeline's environment."""
+    from packaging.requirements import Requirement
+
+    try:
+        declared = [Requirement(r) for r in metadata.requires("vit-pipeline") or []]
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return []
     found = []
-    for name in names:
+    for requirement in declared:
+        if requirement.marker is not None:  # an extra (test, demo, bench)
+            continue
         try:
-            found.append(f"{name}=={metadata.version(name).split('+')[0]}")
+            found.append(f"{requirement.name}=={metadata.version(requirement.name).split('+')[0]}")
         except metadata.PackageNotFoundError:
             continue
     return found

@@ -66,6 +66,8 @@ def test_the_saved_model_carries_signature_example_and_no_pickle(saved):
     assert '"name": "image"' in mlmodel and '"type": "binary"' in mlmodel and '"name": "path"' in mlmodel
     assert (saved["path"] / "input_example.json").is_file()
     assert not list(saved["path"].rglob("*.pkl"))
+    pinned = (saved["path"] / "requirements.txt").read_text()
+    assert "torch==" in pinned and "safetensors==" in pinned and "pytest" not in pinned  # no test extra
     assert {p.name for p in data_folder(saved).iterdir()} == {"model.safetensors", "model.json", CLASSIFIER}
     spec = json.loads((data_folder(saved) / CLASSIFIER).read_text())
     assert spec["dtype"] == "bfloat16" and spec["classes"][3] == "digit-3" and spec["preprocess"]["image_size"] == 16
