@@ -109,11 +109,12 @@ def worker_overheads(shard: Path, rounds: int, batch_size: int = 64, batches: in
 
     transform, rng = TrainTransform(224), random.Random(0)
     images = [transform(sample["jpg"], rng) for sample in itertools.islice(samples(), batch_size)]
+    labels = [0] * batch_size
     times = alternating({
         "tar_read": lambda: list(samples()),
         "sample_rng": lambda: [random.Random(seed_of(0, 0, 0, 0, i)) for i in range(count)],
-        "stack": lambda: [stack_images(images) for _ in range(batches)],
-        "stack_and_share": lambda: [stack_images(images)["images"].share_memory_() for _ in range(batches)],
+        "stack": lambda: [stack_images(images, labels) for _ in range(batches)],
+        "stack_and_share": lambda: [stack_images(images, labels).images.share_memory_() for _ in range(batches)],
     }, rounds)
     us = {name: statistics.median(t / count * 1e6 for t in values) for name, values in times.items()}
     us["to_shared_memory"] = us.pop("stack_and_share") - us["stack"]
@@ -171,8 +172,7 @@ def gpu_decode_rate(images: list[bytes], passes: int) -> float | None:
 
     transform, decoder, rng = DeviceTrainTransform(224), BatchFinisher(224, "cuda"), random.Random(0)
     crops = [transform(data, rng) for data in images * passes]
-    batches = [{**stack_images(crops[i:i + 64]), "labels": torch.zeros(len(crops[i:i + 64]), dtype=torch.int64)}
-               for i in range(0, len(crops), 64)]
+    batches = [stack_images(crops[i:i + 64], [0] * len(crops[i:i + 64])) for i in range(0, len(crops), 64)]
     decoder(batches[0])
     torch.cuda.synchronize()
     start = time.perf_counter()

@@ -125,6 +125,7 @@ def step_case(args, model: str, compiled: bool, work: Path) -> dict:
     import torch
 
     from pipeline.config import load_config
+    from pipeline.data import TrainBatch
     from pipeline.flops import VitShape, activation_bytes_per_image, model_state_bytes, train_flops_per_image
     from train_step import TrainerCase, WATCH, batches, host_syncs, setup_distributed, shards, sync
 
@@ -142,7 +143,7 @@ def step_case(args, model: str, compiled: bool, work: Path) -> dict:
     device = torch.device(args.device)
     data = batches(config, 4, seed=0, device=device)
     if device.type == "cuda":
-        data = [{k: v.to(device) for k, v in batch.items()} for batch in data]  # already on the device
+        data = [TrainBatch(b.images.to(device), b.labels.to(device)) for b in data]  # already on the device
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     case = TrainerCase(config, env, data)
@@ -186,11 +187,12 @@ def phase_correctness(args, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from pipeline.config import load_config
+    from pipeline.data import TrainBatch
     from train_step import TrainerCase, setup_distributed, shards
 
     env = setup_distributed()
     tensors = load_file(str(FIXTURE / "batches.safetensors"))
-    data = [{"images": tensors["images"][i], "labels": tensors["labels"][i]} for i in range(len(tensors["labels"]))]
+    data = [TrainBatch(tensors["images"][i], tensors["labels"][i]) for i in range(len(tensors["labels"]))]
 
     def losses(zero: int, compiled: bool) -> list[float]:
         config = load_config(ROOT / "configs/demo/pretrain.yaml", [
@@ -199,12 +201,12 @@ def phase_correctness(args, work: Path) -> dict:
             f"data.train_shards={shards(work)}", "data.num_workers=0", "data.mixup=0", "data.cutmix=0",
             *REFERENCE_MODEL,
             "model.drop_path_rate=0.0", f"model.compile={compiled}", f"deepspeed.zero_stage={zero}",
-            "deepspeed.activation_checkpointing=true", f"train.global_batch_size={len(data[0]['labels'])}",
-            f"train.micro_batch_size={len(data[0]['labels'])}", "train.total_steps=1000000", "train.eval_every=null",
+            "deepspeed.activation_checkpointing=true", f"train.global_batch_size={len(data[0].labels)}",
+            f"train.micro_batch_size={len(data[0].labels)}", "train.total_steps=1000000", "train.eval_every=null",
             "train.ema_decay=null", "train.log_every=1000000", "train.checkpoint_every=1000000",
             "train.resume=never", "optim.warmup_steps=0", "optim.lr=3e-3"])
         device = torch.device(args.device)
-        case = TrainerCase(config, env, [{k: v.to(device) for k, v in b.items()} for b in data])
+        case = TrainerCase(config, env, [TrainBatch(b.images.to(device), b.labels.to(device)) for b in data])
         out = [float(m.sums[0] / m.sums[2]) for m in (case.step() for _ in data)]
         case.close()
         return out
@@ -260,12 +262,11 @@ def phase_decode(args) -> dict:
         crops = [DeviceTrainTransform(size)(data, random.Random(i)) for i, data in enumerate(images)]
         reference = torch.stack([TrainTransform(size)(data, random.Random(i)) for i, data in enumerate(images)])
         decoder = BatchFinisher(size, device)
-        got, _ = decoder({**stack_images(crops), "labels": torch.zeros(len(crops), dtype=torch.int64)})
+        got, _ = decoder(stack_images(crops, [0] * len(crops)))
         diff = (got.cpu().int() - reference.int()).abs().float()
         passes = 1 if args.tiny else max(1, 4 * per_batch // len(images))
         pool = [DeviceTrainTransform(size)(data, random.Random(i)) for i, data in enumerate(images * passes)]
-        batches = [{**stack_images(pool[i:i + per_batch]), "labels": torch.zeros(len(pool[i:i + per_batch]),
-                                                                                 dtype=torch.int64)}
+        batches = [stack_images(pool[i:i + per_batch], [0] * len(pool[i:i + per_batch]))
                    for i in range(0, len(pool), per_batch)]
         decoder(batches[0])
         seconds = timed_host(lambda: [decoder(b) for b in batches], device)
@@ -293,8 +294,8 @@ def race(size: int, device, tiny: bool) -> dict:
     from pipeline.data.transforms import DeviceTrainTransform, stack_images
 
     images = photos(1600, 1200, 16)
-    batch = {**stack_images([DeviceTrainTransform(size, hflip=0)(d, random.Random(i)) for i, d in enumerate(images)]),
-             "labels": torch.zeros(len(images), dtype=torch.int64)}
+    batch = stack_images([DeviceTrainTransform(size, hflip=0)(d, random.Random(i)) for i, d in enumerate(images)],
+                         [0] * len(images))
     expected, _ = BatchFinisher(size, device)(batch)
     expected = expected.clone()
     torch.cuda.synchronize()

@@ -2,7 +2,7 @@
 """Host memory while loading pretrained weights: peak resident memory of each rank, over its
 level before the load, as a share of one full fp32 copy of the weights. 2 gloo ranks on the CPU,
 a ViT whose weights are rank 0's to read (a safetensors file, or a ZeRO checkpoint's fp32
-partitions), built as the trainer builds it (``pipeline.train.consolidate.build_model``).
+partitions), built as the trainer builds it (``pipeline.model.build_model``).
 
     python benchmarks/load_memory.py                     # B/16 from safetensors
     python benchmarks/load_memory.py --variant L/16
@@ -55,7 +55,8 @@ def worker(rank: int, port: int, variant: str, source: str, out: str) -> None:
     import torch.distributed as dist
 
     from pipeline.config import ModelConfig
-    from pipeline.train.consolidate import build_model
+    from pipeline.model import build_model
+    from pipeline.train.consolidate import pretrained
     from pipeline.train.distributed import init_local_group
 
     init_local_group(rank, 2, port, timeout_s=1800)
@@ -65,7 +66,7 @@ def worker(rank: int, port: int, variant: str, source: str, out: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the resident set now
     resident, anonymous, sampler = status("VmHWM"), status("RssAnon"), AnonymousPeak()
     sampler.start()
-    model = build_model(config, pretrained=source)
+    model = build_model(config, weights=pretrained(source, config))
     sampler.running = False
     sampler.join()
     fp32 = sum(p.numel() for p in model.parameters()) * 4

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.data import Normalize  # noqa: E402
+from pipeline.data import Normalize, TrainBatch  # noqa: E402
 from pipeline.data.sources import synthetic_source  # noqa: E402
 from pipeline.data.writer import write_split  # noqa: E402
 from pipeline.flops import VitShape, activation_bytes_per_image, model_state_bytes, train_flops_per_image  # noqa: E402
@@ -93,7 +93,7 @@ def trainer_config(work: Path, name: str, *, variant: str, image_size: int, micr
     ])
 
 
-def batches(config: Config, count: int, seed: int, device: torch.device) -> list[dict]:
+def batches(config: Config, count: int, seed: int, device: torch.device) -> list[TrainBatch]:
     """Decoded uint8 batches, as the loader hands them over (pinned on CUDA)."""
     g = torch.Generator().manual_seed(seed)
     size, micro = config.model.image_size, config.train.micro_batch_size
@@ -103,7 +103,7 @@ def batches(config: Config, count: int, seed: int, device: torch.device) -> list
         labels = torch.randint(0, config.model.num_classes, (micro,), generator=g)
         if device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
-        out.append({"images": images, "labels": labels})
+        out.append(TrainBatch(images, labels))
     return out
 
 
@@ -163,7 +163,7 @@ def fresh_compiler() -> CompileWatch:
 class TrainerCase:
     """A Trainer on in-memory batches; ``step()`` is one optimizer step."""
 
-    def __init__(self, config: Config, env, data: list[dict]):
+    def __init__(self, config: Config, env, data: list[TrainBatch]):
         from pipeline.train.trainer import Trainer  # imports deepspeed: after main() picks the accelerator
 
         if config.model.compile:
@@ -179,7 +179,7 @@ class TrainerCase:
         return meter
 
     def close(self) -> None:
-        self.trainer.settle()
+        self.trainer.stops.settle()
         self.trainer.close()
         self.trainer.engine.destroy()
         del self.trainer
@@ -191,7 +191,7 @@ class TrainerCase:
 class BareCase:
     """The same model, AdamW and bf16 in plain torch: autocast, clipping, no DeepSpeed."""
 
-    def __init__(self, config: Config, device: torch.device, data: list[dict]):
+    def __init__(self, config: Config, device: torch.device, data: list[TrainBatch]):
         if config.model.compile:
             fresh_compiler()
         torch.manual_seed(config.run.seed)
@@ -209,8 +209,8 @@ class BareCase:
 
     def step(self) -> None:
         batch = next(self.data)
-        images = self.normalize(batch["images"].to(self.device, non_blocking=True))
-        labels = batch["labels"].to(self.device, non_blocking=True)
+        images = self.normalize(batch.images.to(self.device, non_blocking=True))
+        labels = batch.labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             loss = F.cross_entropy(self.model(images).float(), labels)
         loss.backward()

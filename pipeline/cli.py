@@ -35,6 +35,9 @@ def stage_parser(doc: str) -> argparse.ArgumentParser:
     check.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="--dry-run: GPU kind (default h100)")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error too (or set VIT_PIPELINE_DEBUG=1)")
+    check.add_argument("--plan-json", metavar="FILE",
+                       help="--dry-run: also write the resolved run plan as JSON (what the run writes to "
+                            "RUN_DIR/plan.json)")
     check.add_argument("--after", action="append", default=[], metavar="CONFIG",
                        help="--dry-run: config of an earlier stage of this pipeline, whose run directory this "
                             "stage may start from before it exists (repeatable; inherited configs count already)")

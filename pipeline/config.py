@@ -71,6 +71,9 @@ class ModelConfig(Section):
     drop_path_rate: float = Field(
         0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in MLPs and projections.")
+    distilled: bool = Field(
+        False, description="DeiT's distillation token and second head (dist_token, head_dist), for a student "
+        "trained against a teacher (distill section); evaluation averages the two heads.")
     compile: bool = Field(
         False, description="Training: torch.compile each transformer block (one graph for all; the first steps "
         "compile it).")
@@ -94,6 +97,9 @@ class ModelConfig(Section):
                              f"'{self.variant}'")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("model.global_pool='token' needs model.class_token=true")
+        if self.distilled and (self.global_pool != "token" or self.pre_logits):
+            raise ValueError("model.distilled needs model.global_pool='token' and model.pre_logits=null (DeiT's "
+                             "layout)")
         return self
 
 
@@ -272,6 +278,30 @@ class EvalConfig(Section):
                                        "in MLflow's Model Registry under this name, as a new version.")
 
 
+class DistillConfig(Section):
+    type: Literal["none", "soft", "hard"] = Field(
+        "none", description="Knowledge distillation from distill.teacher (DeiT, Touvron et al. 2021): 'hard' trains "
+        "the distillation head on the teacher's argmax, 'soft' on its softened distribution (KL at distill.tau); "
+        "'none' for no teacher.")
+    teacher: str | None = Field(
+        None, description="The teacher: a run, checkpoints or checkpoint directory of ours (any ZeRO stage or world "
+        "size; its model from the checkpoint), or a .safetensors file (ours or timm's) with distill.teacher_model; "
+        "{output_dir}/NAME is the run NAME under run.output_dir.")
+    teacher_model: ModelConfig | None = Field(
+        None, description="The teacher's model settings (variant, image_size, num_classes, ...): needed for a "
+        ".safetensors teacher; a checkpoint's must agree.")
+    teacher_resolution: Literal["own", "student"] = Field(
+        "own", description="'own': the teacher sees the student's batch resized on the device to its own "
+        "image_size, as it was trained; 'student': it runs at the student's resolution, its pos_embed resampled.")
+    partition: bool = Field(
+        False, description="Partition the teacher's weights over the ranks with ZeRO-3 (gathered layer by layer "
+        "in its forward) instead of a whole bf16 copy per rank.")
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="Weight of the distillation term: (1 - alpha) x label loss + alpha x "
+        "distillation loss (DeiT hard: 0.5).")
+    tau: float = Field(1.0, gt=0.0, description="Temperature of soft distillation (DeiT soft: 3.0).")
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and tracking.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The ViT.")
@@ -281,15 +311,19 @@ class Config(Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="DeepSpeed engine settings.")
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning source and options.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="A teacher to distill from.")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
         # Stage links name an earlier stage's run under this run.output_dir, resolved here once, so
         # moving a chain's output (run.output_dir=/scratch/runs) moves its links with it.
-        for section, key in ((self.finetune, "init_from"), (self.eval, "checkpoint")):
+        for section, key in ((self.finetune, "init_from"), (self.eval, "checkpoint"), (self.distill, "teacher")):
             link = getattr(section, key)
             if link and OUTPUT_DIR in link:
                 setattr(section, key, link.replace(OUTPUT_DIR, self.run.output_dir))
+        if self.distill.type != "none" and not self.distill.teacher:
+            raise ValueError(f"distill.type={self.distill.type} needs distill.teacher (a checkpoint directory or "
+                             ".safetensors file)")
         if self.run.stage == "finetune" and not self.finetune.init_from:
             raise ValueError("run.stage='finetune' needs finetune.init_from (a checkpoint directory or .safetensors "
                              "file)")

@@ -14,17 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Config, ConfigError, inherit_chain, load_config, resolve_path
-from pipeline.data.shards import (
-    ShardSet, check_exist, is_seekable, logical_workers, resolve_shards, shards_for_streams, shuffle_samples,
-    stream_count,
-)
+from pipeline.data.shards import ShardSet, is_seekable, shards_for_streams
 from pipeline.flops import (
     VitShape, activation_bytes_per_image, inference_bytes_per_image, inference_weight_bytes, model_state_bytes,
     param_count,
 )
-from pipeline.plan import GB, Assumptions, data_host_memory, format_host_memory, plan, usable_bytes
+from pipeline.plan import (
+    GB, Assumptions, data_host_memory, format_host_memory, plan, teacher_weight_bytes, usable_bytes,
+)
 from pipeline.tracking import tracking_uri
 from pipeline.train.checkpoint import checkpoint_dir, read_marker
+from pipeline.train.run_plan import JobShape, RunPlan, earlier_runs, resolve
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
                        "fuse.glusterfs", "fuse.sshfs", "9p", "weka", "wekafs")
@@ -51,10 +51,13 @@ class Report:
 
 
 def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, gpus_per_node: int,
-            gpu: str = "h100", after: list[str] = (), checkpoint: str | None = None) -> tuple[bool, str]:
+            gpu: str = "h100", after: list[str] = (),
+            checkpoint: str | None = None) -> tuple[bool, str, RunPlan | None]:
     """Check ``config_name`` + ``overrides`` for ``stage`` ('train' or 'evaluate') on
-    ``nodes`` x ``gpus_per_node`` GPUs of kind ``gpu``. ``after`` names the configs of earlier
-    stages of the same pipeline: their run directories count as present. Returns (ok, report)."""
+    ``nodes`` x ``gpus_per_node`` GPUs of kind ``gpu``: resolve its run plan (as the run will),
+    then check what the run cannot until it starts (memory fit, host RAM, stage links, tracking).
+    ``after`` names the configs of earlier stages of the same pipeline: their run directories
+    count as present. Returns (ok, report, the plan)."""
     report = Report()
     title = f"dry run: {config_name} ({stage}) on {nodes} node(s) x {gpus_per_node} {gpu.upper()} = " \
             f"{nodes * gpus_per_node} GPUs"
@@ -62,40 +65,47 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
         config = load_config(config_name, overrides)
     except ConfigError as e:
         report.problems.append(str(e))
-        return False, report.render(title)
-    world = nodes * gpus_per_node
+        return False, report.render(title), None
     chain = [resolve_path(config_name), *inherit_chain(config_name)]
+    earlier = earlier_stages([*after, *chain[1:]], overrides, report)
+    run_plan = resolve(config, JobShape(nodes, gpus_per_node), stage,
+                       earlier={path: stage_config for path, (_, stage_config) in earlier.items()})
+    report.problems += [str(p) for p in run_plan.problems]
     given = f"; overrides: {' '.join(overrides)}" if overrides else ""
     report.add("config", " <- ".join(_short(p) for p in chain) + given)
     shape = VitShape.from_config(config.model)
     m = config.model
     report.add("model", f"ViT {m.variant} at {m.image_size} px, {param_count(shape):,} parameters, {m.num_classes} "
                         f"classes" + (f", pre-logits {m.pre_logits}" if m.pre_logits else ""))
+    report.add("precision", f"{run_plan.precision}, ZeRO-{config.deepspeed.zero_stage}")
     assume = Assumptions(gpu=gpu)
     if stage == "train":
-        micro = _check_batch(config, world, report)
-        _check_train_memory(config, shape, micro or config.train.micro_batch_size, nodes, gpus_per_node, assume,
-                            report)
-        shards = _check_shards(config, "data.train_shards", config.data.train_shards, report)
-        if shards is not None:
-            _check_train_streams(config, shards, world, report)
-        _check_host_memory(config, shards, micro or config.train.micro_batch_size, gpus_per_node, assume, report)
-        if config.train.eval_every:
-            _check_shards(config, "data.eval_shards", config.data.eval_shards, report)
+        micro = run_plan.micro_batch or config.train.micro_batch_size
+        _report_batch(run_plan, report)
+        _check_train_memory(run_plan, shape, micro, assume, report)
+        _report_shards(run_plan.train_shards, "train data", report)
+        if run_plan.train_shards is not None:
+            _check_train_streams(run_plan, report)
+        _check_host_memory(config, run_plan.train_shards, micro, gpus_per_node, assume, report)
+        _report_shards(run_plan.eval_shards, "eval data", report)
+        _report_teacher(run_plan, earlier, report)
+        if run_plan.resume is not None:
+            report.add("resumes", f"{run_plan.resume}" + (" (another world size: converted to a universal "
+                                                          "checkpoint first)" if run_plan.deepspeed and
+                                                          "checkpoint" in run_plan.deepspeed else ""))
         if config.run.stage == "finetune":
-            _check_link(config, "finetune.init_from", config.finetune.init_from, chain[1:], after, overrides, report)
+            _check_link(config, "finetune.init_from", config.finetune.init_from, earlier, report)
         else:
             report.add("starts from", "fresh weights (run.stage: pretrain)")
     else:
-        _check_eval_memory(config, shape, world, assume, report)
-        shards = _check_shards(config, "data.eval_shards", config.data.eval_shards, report)
-        if shards is not None:
-            _check_eval_streams(config, shards, world, report)
+        _check_eval_memory(config, shape, run_plan.world_size, assume, report)
+        _report_shards(run_plan.eval_shards, "eval data", report)
+        if run_plan.eval_shards is not None:
+            _check_eval_streams(run_plan, report)
         key = "--checkpoint" if checkpoint else "eval.checkpoint"
-        _check_link(config, key, checkpoint or config.eval.checkpoint, chain[1:], after, overrides, report,
-                    same_head=True)
+        _check_link(config, key, checkpoint or config.eval.checkpoint, earlier, report, same_head=True)
     _check_tracking(config, nodes, report)
-    return not report.problems, report.render(title)
+    return not report.problems, report.render(title), run_plan
 
 
 def _short(path: Path) -> str:
@@ -108,35 +118,39 @@ def _short(path: Path) -> str:
 # -- batch and memory ------------------------------------------------------------------------
 
 
-def _check_batch(config: Config, world: int, report: Report) -> int | None:
-    """The micro-batch at ``world`` ranks, or None (a problem) if the global batch does not split."""
-    t = config.train
-    try:
-        micro = config.micro_batch(world)
-    except ConfigError as e:
-        report.problems.append(str(e))
-        return None
+def _report_batch(run_plan: RunPlan, report: Report) -> None:
+    t, micro = run_plan.config.train, run_plan.micro_batch
+    if micro is None:
+        return  # the global batch does not split: a problem of the plan
     lowered = f" (train.micro_batch_size {t.micro_batch_size}, lowered to fit the per-rank batch)" \
         if micro != t.micro_batch_size else ""
-    report.add("batch", f"global {t.global_batch_size} = micro {micro} x {world} ranks x accumulation "
-                        f"{config.grad_accumulation_steps(world)}{lowered}")
-    return micro
+    report.add("batch", f"global {t.global_batch_size} = micro {micro} x {run_plan.world_size} ranks x accumulation "
+                        f"{run_plan.accumulation}{lowered}")
+    if run_plan.total_steps:
+        report.add("length", f"{run_plan.total_steps:,} optimizer steps, "
+                             f"{run_plan.flops_per_image / 1e9:,.1f} GFLOP an image trained")
 
 
-def _check_train_memory(config: Config, shape: VitShape, micro: int, nodes: int, gpus_per_node: int,
-                        assume: Assumptions, report: Report) -> None:
+def _check_train_memory(run_plan: RunPlan, shape: VitShape, micro: int, assume: Assumptions, report: Report) -> None:
+    config, world = run_plan.config, run_plan.world_size
     ds = config.deepspeed
-    states = model_state_bytes(shape, ds.zero_stage, nodes * gpus_per_node)
+    states = model_state_bytes(shape, ds.zero_stage, world)
     if config.train.ema_decay is not None:  # an fp32 EMA, partitioned over the ranks like the fp32 weights
-        states += 4 * param_count(shape) / (nodes * gpus_per_node)
+        states += 4 * param_count(shape) / world
+    teacher = teacher_weight_bytes(run_plan)
     activations = micro * activation_bytes_per_image(shape, checkpointing=ds.activation_checkpointing,
                                                      flash=assume.flash_attention)
+    if run_plan.teacher is not None:  # its forward's, before the student's are made
+        activations = max(activations, micro * inference_bytes_per_image(VitShape.from_config(run_plan.teacher.model)))
     usable = usable_bytes(assume)
+    with_teacher = f" + {teacher / GB:.1f} GB teacher weights" if run_plan.teacher is not None else ""
+    states += teacher
     report.add("memory", f"ZeRO-{ds.zero_stage}, checkpointing {'on' if ds.activation_checkpointing else 'off'}: "
-                         f"{states / GB:.1f} GB model states + {activations / GB:.1f} GB activations (micro-batch "
-                         f"{micro}) = {(states + activations) / GB:.1f} GB of {usable / GB:.1f} GB usable per GPU")
+                         f"{(states - teacher) / GB:.1f} GB model states{with_teacher} + {activations / GB:.1f} GB "
+                         f"activations (micro-batch {micro}) = {(states + activations) / GB:.1f} GB of "
+                         f"{usable / GB:.1f} GB usable per GPU")
     if states + activations > usable:
-        rec = plan(config, nodes, gpus_per_node, assume)["recommended"]
+        rec = plan(run_plan, assume)["recommended"]
         report.problems.append(
             f"memory: {(states + activations) / GB:.1f} GB per GPU does not fit {usable / GB:.1f} GB usable on a "
             f"{assume.gpu.upper()} ({assume.reserved_gb:.0f} GB reserved, {assume.margin:.0%} margin): launch/plan.py "
@@ -161,53 +175,31 @@ def _check_eval_memory(config: Config, shape: VitShape, world: int, assume: Assu
 # -- data ----------------------------------------------------------------------------------------
 
 
-def _check_shards(config: Config, key: str, spec: str | None, report: Report) -> ShardSet | None:
-    """Read the manifest and check that every local shard file exists (without opening it)."""
-    if not spec:
-        report.problems.append(f"{key} is not set: give a manifest (DIR/train.json from launch/make_shards.py)")
-        return None
-    try:
-        shards = resolve_shards(spec, check_exists=False)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        report.problems.append(f"{key}={spec}: {e}")
-        return None
-    try:
-        check_exist(shards)
-    except FileNotFoundError as e:
-        report.problems.append(f"{key}={spec}: {e}")
+def _report_shards(shards: ShardSet | None, label: str, report: Report) -> None:
+    """What the plan resolved for one shard list (its problems are the plan's)."""
+    if shards is None:
+        return
     remote = sum(not is_seekable(u) for u in shards.urls)
     samples = (f"{shards.num_samples:,} samples" if shards.num_samples is not None
                else "sample count unknown (no manifest)")
-    report.add(key.split(".")[1].replace("_shards", " data"),
-               f"{spec}: {len(shards.urls):,} shards, {samples}"
+    report.add(label, f"{shards.spec}: {len(shards.urls):,} shards, {samples}"
                + (f", {len(shards.classes):,} classes" if shards.classes else "")
                + (f" ({remote} remote, not checked)" if remote else ""))
-    if shards.classes and len(shards.classes) > config.model.num_classes:
-        report.problems.append(f"model.num_classes={config.model.num_classes}, but {spec} lists "
-                               f"{len(shards.classes)} classes: set model.num_classes={len(shards.classes)}")
-    return shards
 
 
-def _check_train_streams(config: Config, shards: ShardSet, world: int, report: Report) -> None:
-    if config.data.samples_per_epoch is None and shards.num_samples is None:
-        report.problems.append(f"data.samples_per_epoch: unknown for {config.data.train_shards} (no manifest): set it, "
-                               "or point data.train_shards at a manifest (make_shards.py --index DIR writes one)")
-    elif config.data.samples_per_epoch and shards.num_samples and config.data.samples_per_epoch != shards.num_samples:
+def _check_train_streams(run_plan: RunPlan, report: Report) -> None:
+    config, shards = run_plan.config, run_plan.train_shards
+    if config.data.samples_per_epoch and shards.num_samples and config.data.samples_per_epoch != shards.num_samples:
         report.warnings.append(f"data.samples_per_epoch={config.data.samples_per_epoch:,}, but the manifest holds "
                                f"{shards.num_samples:,} samples: epochs (and train.epochs) count the former")
-    report.add("streams", shards_for_streams(len(shards.urls), world, config.data.num_workers))
+    report.add("streams", shards_for_streams(len(shards.urls), run_plan.world_size, config.data.num_workers))
 
 
 def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus_per_node: int,
                        assume: Assumptions, report: Report) -> None:
     """Host RAM of the data path per node, with the manifest's mean sample size when there is one."""
-    if shards is not None:
-        try:
-            shuffle_samples(config.data.shuffle_buffer, shards)
-        except ValueError as e:
-            report.problems.append(str(e))
-        if shards.sample_bytes:
-            assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
+    if shards is not None and shards.sample_bytes:
+        assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
     memory = data_host_memory(config, gpus_per_node, micro, assume)
     report.add("host RAM", format_host_memory(memory))
     if memory["total_gb"] > assume.host_ram_gb / 2:
@@ -216,8 +208,8 @@ def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus
                                f"size such as '256MiB') or data.num_workers")
 
 
-def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Report) -> None:
-    streams = stream_count(world, config.data.num_workers)
+def _check_eval_streams(run_plan: RunPlan, report: Report) -> None:
+    shards, streams, world = run_plan.eval_shards, run_plan.streams, run_plan.world_size
     seekable = all(is_seekable(u) for u in shards.urls)
     if len(shards.urls) >= streams:
         how = "whole shards per stream"
@@ -227,15 +219,39 @@ def _check_eval_streams(config: Config, shards: ShardSet, world: int, report: Re
         how = "fewer remote shards than streams: whole shards, some streams idle"
         report.warnings.append(f"{len(shards.urls)} remote eval shards for {streams} streams: "
                                f"{streams - len(shards.urls)} streams will have nothing to read")
-    report.add("streams", f"{streams:,} streams ({world} ranks x {logical_workers(config.data.num_workers)} "
-                          f"workers), {how}")
+    report.add("streams", f"{streams:,} streams ({world} ranks x {streams // world} workers), {how}")
 
 
 # -- stage links and tracking ---------------------------------------------------------------
 
 
-def _check_link(config: Config, key: str, source: str | None, inherited: list[Path], after: list[str],
-                overrides: list[str], report: Report, same_head: bool = False) -> None:
+def earlier_stages(configs: list, overrides: list[str], report: Report) -> dict[Path, tuple[str, Config]]:
+    """The run directories that the earlier stages ``configs`` (``--after``, then the inherited
+    configs) write, with each one's name and config."""
+    earlier = {}
+    for previous in configs:
+        try:
+            (path, stage_config), = earlier_runs([previous], overrides).items()
+        except ConfigError as e:
+            report.warnings.append(f"could not read the earlier stage {previous}: {e}")
+            continue
+        earlier.setdefault(path, (_short(Path(str(previous))), stage_config))
+    return earlier
+
+
+def _report_teacher(run_plan: RunPlan, earlier: dict[Path, tuple[str, Config]], report: Report) -> None:
+    teacher = run_plan.teacher
+    if teacher is None:
+        return
+    where = f"written by the earlier stage {earlier[teacher.path.resolve()][0]}" if teacher.pending else "present"
+    how = "ZeRO-3 partitioned" if run_plan.teacher_deepspeed else "a bf16 copy per rank"
+    report.add("teacher", f"{teacher.source} ({where}): ViT {teacher.model.variant} at {teacher.model.image_size} px, "
+                          f"{how}, {run_plan.teacher_flops_per_image / 1e9:,.1f} GFLOP forward an image "
+                          f"({run_plan.config.distill.type} distillation, alpha {run_plan.config.distill.alpha})")
+
+
+def _check_link(config: Config, key: str, source: str | None, earlier: dict[Path, tuple[str, Config]],
+                report: Report, same_head: bool = False) -> None:
     """``source`` must exist, or be the run directory an earlier stage of the pipeline writes."""
     if not source:
         report.problems.append(f"{key} is not set: name the checkpoint (a run directory or .safetensors file)")
@@ -255,15 +271,8 @@ def _check_link(config: Config, key: str, source: str | None, inherited: list[Pa
             report.problems.append(f"{key}={source} has {marker.get('num_classes')} classes: set "
                                    f"model.num_classes={marker.get('num_classes')}")
         return
-    earlier = {}
-    for previous in [*after, *inherited]:
-        try:
-            earlier[load_config(previous, overrides).run.run_dir.resolve()] = previous
-        except ConfigError as e:
-            report.warnings.append(f"could not read the earlier stage {previous}: {e}")
     if path.resolve() in earlier:
-        report.add("starts from", f"{source}, written by the earlier stage "
-                                  f"{_short(Path(str(earlier[path.resolve()])))}")
+        report.add("starts from", f"{source}, written by the earlier stage {earlier[path.resolve()][0]}")
     else:
         known = ", ".join(str(d) for d in earlier) or "none"
         report.problems.append(f"{key}={source} does not exist and is not the run directory of an earlier stage "
@@ -307,8 +316,12 @@ def _check_tracking(config: Config, nodes: int, report: Report) -> None:
 
 
 def main(args, stage: str) -> int:
-    """What a launcher's ``--dry-run`` does: print the report, exit 0 or 1."""
-    ok, text = dry_run(args.config, args.overrides, stage=stage, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                       gpu=args.gpu, after=args.after, checkpoint=getattr(args, "checkpoint", None))
+    """What a launcher's ``--dry-run`` does: print the report (and with ``--plan-json`` write the
+    run plan), exit 0 or 1."""
+    ok, text, run_plan = dry_run(args.config, args.overrides, stage=stage, nodes=args.nodes,
+                                 gpus_per_node=args.gpus_per_node, gpu=args.gpu, after=args.after,
+                                 checkpoint=getattr(args, "checkpoint", None))
     print(text)
+    if args.plan_json and run_plan is not None:
+        Path(args.plan_json).write_text(json.dumps(run_plan.summary(), indent=1) + "\n")
     return 0 if ok else 1

@@ -18,9 +18,9 @@ from pipeline.errors import MissingInput, WrongInput
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri, ui_url
 from pipeline.train.checkpoint import checkpoint_dir
 from pipeline.train.consolidate import read_pretrained
-from pipeline.train.distributed import DistEnv, rank_device
-from pipeline.train.ds_config import compute_dtype
+from pipeline.train.distributed import DistEnv, gather_placements, rank_device
 from pipeline.train.evaluation import Tally, eval_model, eval_stream, plot_confusion, run_eval
+from pipeline.train.run_plan import JobShape, resolve
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,15 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
             raise MissingInput(f"{'--checkpoint' if checkpoint else 'eval.checkpoint'}: {e}") from None
     c, zero3 = config, config.deepspeed.zero_stage == 3
     device = rank_device(env)
-    dtype = compute_dtype(config)
-    model = eval_model(config, str(source), env, device, dtype)
-    stream, classes = eval_stream(config, env)
+    plan = resolve(config, JobShape.of(gather_placements(env, device), device), "evaluate").check()
+    if env.is_main:
+        plan.write(config.run.run_dir)
+    model = eval_model(plan, str(source), device)
+    stream, classes = eval_stream(config, env, plan.eval_shards), plan.eval_shards.classes
     tally = Tally(c.model.num_classes, device)
     start = time.perf_counter()
-    run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), dtype, zero3=zero3, show=env.is_main)
+    run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), plan.dtype, zero3=zero3,
+             show=env.is_main)
     elapsed = time.perf_counter() - start
     tally.all_reduce()
     tally.check_complete(stream.num_samples)
@@ -67,7 +70,8 @@ def write_report(config: Config, report: dict, tally: Tally, classes: list[str])
     tracker.log_datasets([dataset])
     (run_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     tracker.log_params({**config.flat(), "eval.source": report["checkpoint"]})
-    tracker.log_metrics({k: report[k] for k in ("top1", "top5", "loss", "ece", "images_per_s", "skipped")}, step=0)
+    scores = ("top1", "top5", "loss", "ece", "images_per_s", "skipped", "top1_cls_head", "top1_dist_head")
+    tracker.log_metrics({k: report[k] for k in scores if k in report}, step=0)
     tracker.log_artifact(run_dir / "report.json")
     if (config.eval.log_model or config.eval.register_model) and tracker.enabled:
         tracker.model_dataset = dataset

@@ -13,8 +13,9 @@ from pipeline.config import Config
 from pipeline.data.shards import stream_count
 from pipeline.flops import (
     DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu,
-    max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
+    inference_weight_bytes, max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
 )
+from pipeline.train.run_plan import RunPlan
 
 GB = 1e9
 # name: (memory in GB, dense bf16 TFLOP/s), memory from the vendors' data sheets.
@@ -48,29 +49,38 @@ def decode_rate(config: Config, assume: Assumptions) -> float:
         else assume.decode_images_per_s_per_core
 
 
-def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) -> dict:
+def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
+    """Size the job ``run_plan`` describes on GPUs of ``assume.gpu``: memory per ZeRO stage, the
+    recommended stage and micro-batch, step time, wall-clock, decode cores, communication. The
+    length and the data's mean sample size are the plan's, where it knows them."""
+    config, nodes, gpus_per_node = run_plan.config, run_plan.job.nodes, run_plan.job.ranks_per_node
     shape = VitShape.from_config(config.model)
-    gpus = nodes * gpus_per_node
+    gpus = run_plan.world_size
+    shards = run_plan.train_shards
+    if shards is not None and shards.sample_bytes:
+        assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
     memory_gb, peak_tflops = GPUS[assume.gpu]
     gpu_bytes = usable_bytes(assume)
     per_gpu_batch = config.train.global_batch_size // gpus
 
+    teacher = teacher_weight_bytes(run_plan)
     memory = {}
     for stage in range(4):
-        states = model_state_bytes(shape, stage, gpus)
+        states = model_state_bytes(shape, stage, gpus) + teacher
         for ckpt in (False, True):
             memory[(stage, ckpt)] = {
                 "model_states_gb": states / GB,
                 "activations_gb_per_image": activation_bytes_per_image(shape, checkpointing=ckpt,
                                                                        flash=assume.flash_attention) / GB,
                 "max_micro_batch": max_micro_batch(shape, stage, gpus, gpu_bytes, checkpointing=ckpt,
-                                                   flash=assume.flash_attention),
+                                                   flash=assume.flash_attention, reserved_bytes=teacher),
             }
     stage, ckpt, micro = recommend(memory, per_gpu_batch)
     hidden = hidden_comm_share(config, stage, assume)
     recompute = ckpt
     flops = train_flops_per_image(shape)
-    hardware_flops = train_flops_per_image(shape, recompute=recompute)
+    teacher_flops = run_plan.teacher_flops_per_image or 0  # its forward: work the step does, not in MFU
+    hardware_flops = train_flops_per_image(shape, recompute=recompute) + teacher_flops
     compute_s = config.train.global_batch_size * hardware_flops / (gpus * peak_tflops * 1e12 * assume.hfu)
     scaling = {}
     for n in sorted({1, 2, 4, 8, nodes} | ({nodes // 2} if nodes > 2 else set())):
@@ -82,28 +92,39 @@ def plan(config: Config, nodes: int, gpus_per_node: int, assume: Assumptions) ->
     comm_s = comm_seconds(shape, stage, gpus, nodes, micro, config, assume)
     step_s = compute_s + comm_s * (1 - hidden)
     images_per_s = config.train.global_batch_size / step_s
-    steps = config.total_steps()
+    steps = run_plan.total_steps
     decode_per_core = decode_rate(config, assume)
     return {
         "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
         "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
         "backbone_params": param_count(dataclasses.replace(shape, num_classes=0, pre_logits=None)),
-        "train_gflops_per_image": flops / 1e9,
+        "train_gflops_per_image": flops / 1e9, "teacher_gflops_per_image": teacher_flops / 1e9,
+        "teacher_weights_gb": teacher / GB,
         "memory": {f"zero{s}{'+ckpt' if c else ''}": v for (s, c), v in memory.items()},
         "recommended": {"zero_stage": stage, "activation_checkpointing": ckpt, "micro_batch_size": micro,
                         "gradient_accumulation_steps": max(1, per_gpu_batch // max(micro, 1))},
         "step_time_s": step_s, "images_per_s": images_per_s, "images_per_s_per_gpu": images_per_s / gpus,
-        "mfu": assume.hfu * (3 / 4 if recompute else 1.0),
+        "mfu": assume.hfu * flops / hardware_flops,
         "total_steps": steps, "wall_clock_hours": steps * step_s / 3600 if steps else None,
         "decode_cores_per_gpu": images_per_s / gpus / decode_per_core,
         "decode": config.data.decode, "decode_images_per_s_per_core": decode_per_core,
         "gradient_gb_sent_per_gpu_per_step": comm_bytes_per_step(shape, stage, gpus, micro, config) / GB,
         "communication_s_per_step": comm_s, "communication_hidden_share": hidden,
         "scaling_efficiency": {str(n): e for n, e in scaling.items()},
-        "host_ram_data_per_node": data_host_memory(config, gpus_per_node, min(config.train.micro_batch_size,
-                                                                               max(per_gpu_batch, 1)), assume),
+        "host_ram_data_per_node": data_host_memory(config, gpus_per_node, run_plan.micro_batch or min(
+            config.train.micro_batch_size, max(per_gpu_batch, 1)), assume),
         "assumptions": asdict(assume),
     }
+
+
+def teacher_weight_bytes(run_plan: RunPlan) -> float:
+    """GPU memory of the distillation teacher on each rank: its bf16 weights, whole, or a ZeRO-3
+    partition plus the largest layer gathered while it runs. Its forward runs before the
+    student's, without autograd, so its activations are gone before the student's are made."""
+    if run_plan.teacher is None:
+        return 0.0
+    shape = VitShape.from_config(run_plan.teacher.model)
+    return inference_weight_bytes(shape, 3 if run_plan.teacher_deepspeed else 0, run_plan.world_size)
 
 
 def data_host_memory(config: Config, gpus_per_node: int, micro: int, assume: Assumptions) -> dict:
@@ -179,6 +200,10 @@ def format_plan(result: dict) -> str:
              f"{r['backbone_params']:,})",
              f"  forward GMAC per image     {r['forward_gmacs_per_image']:.1f}",
              f"  training GFLOP per image   {r['train_gflops_per_image']:.1f}  (3 x forward; recompute not counted)",
+             *([f"  teacher GFLOP per image    {r['teacher_gflops_per_image']:.1f}  (its forward, beside the "
+                f"student's: not in MFU); its weights {r['teacher_weights_gb']:.1f} GB per GPU, in the model states "
+                "below"]
+               if r["teacher_gflops_per_image"] else []),
              "", f"  {'memory per GPU':<16} {'model states':>12} {'act./image':>11} {'max micro-batch':>16}"]
     for name, m in r["memory"].items():
         lines.append(f"  {name:<16} {m['model_states_gb']:>9.1f} GB {m['activations_gb_per_image']:>8.3f} GB "

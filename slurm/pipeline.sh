@@ -2,9 +2,12 @@
 # Submit pretrain -> fine-tune -> evaluate as three jobs chained with --dependency=afterok, all
 # tagged with one MLflow `pipeline` id. Run from the repository root:
 #
-#   slurm/pipeline.sh [--no-check] [PRETRAIN_CONFIG FINETUNE_CONFIG EVAL_CONFIG] [-- key=value ...]
+#   slurm/pipeline.sh [--no-check] [--distill CONFIG] [PRETRAIN_CONFIG FINETUNE_CONFIG EVAL_CONFIG] [-- key=value ...]
 #   slurm/pipeline.sh vit_l16.yaml vit_l16_ft384.yaml vit_l16_eval.yaml
+#   slurm/pipeline.sh --distill vit_l16_distill.yaml     # and a student distilled from the fine-tuned H/14
 #
+# --distill CONFIG adds a fourth job after the fine-tune (its teacher): a training stage run with
+# slurm/pretrain.sh's allocation, alongside the evaluation.
 # Before submitting, each stage is dry-run (launch/*.py --dry-run) at the allocation its job will
 # request: --nodes and --ntasks-per-node from $SBATCH_ARGS, else the stage script's #SBATCH lines.
 # If one fails, nothing is submitted. --no-check skips this.
@@ -12,7 +15,14 @@
 # (e.g. SBATCH_ARGS="--partition=gpu --account=vision").
 set -euo pipefail
 check=1
-if [ "${1:-}" = "--no-check" ]; then check=0; shift; fi
+distill=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-check) check=0; shift ;;
+    --distill) distill=$2; shift 2 ;;
+    *) break ;;
+  esac
+done
 configs=()
 overrides=()
 for ((i = 1; i <= $#; i++)); do
@@ -49,6 +59,9 @@ if [ "$check" = 1 ]; then
   dry_run pretrain.sh train.py "$pretrain" || failed=1
   dry_run finetune.sh train.py "$finetune" --after "$pretrain" || failed=1
   dry_run evaluate.sh evaluate.py "$evaluate" --after "$finetune" --after "$pretrain" || failed=1
+  if [ -n "$distill" ]; then
+    dry_run pretrain.sh train.py "$distill" --after "$finetune" --after "$pretrain" || failed=1
+  fi
   if [ "$failed" = 1 ]; then
     echo "pipeline: a dry run found problems (above); nothing was submitted. Fix them, or pass --no-check." >&2
     exit 1
@@ -61,5 +74,12 @@ mkdir -p logs  # sbatch opens logs/%x-%j.out before a job starts
 first=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} "$here/pretrain.sh" "$pretrain" "${overrides[@]}")
 second=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} --dependency=afterok:$first "$here/finetune.sh" "$finetune" "${overrides[@]}")
 third=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} --dependency=afterok:$second "$here/evaluate.sh" "$evaluate" "${overrides[@]}")
-echo "pipeline $VIT_PIPELINE_ID: pretrain $first -> finetune $second -> evaluate $third"
-echo "$first $second $third"
+if [ -n "$distill" ]; then
+  # shellcheck disable=SC2086
+  fourth=$(sbatch --parsable --export=ALL ${SBATCH_ARGS:-} --dependency=afterok:$second "$here/pretrain.sh" "$distill" "${overrides[@]}")
+  echo "pipeline $VIT_PIPELINE_ID: pretrain $first -> finetune $second -> evaluate $third, distill $fourth"
+  echo "$first $second $third $fourth"
+else
+  echo "pipeline $VIT_PIPELINE_ID: pretrain $first -> finetune $second -> evaluate $third"
+  echo "$first $second $third"
+fi

@@ -58,9 +58,16 @@ def moved_data(name: str, root: Path) -> list[str]:
 @pytest.mark.parametrize("nodes", [1, 4, 16])
 @pytest.mark.parametrize("name", REAL_CONFIGS)
 def test_every_shipped_config_passes_the_dry_run_at_cluster_scale(name, nodes, imagenet):
-    stage = "evaluate" if load_config(name).eval.checkpoint else "train"
-    ok, report = dry_run(name, moved_data(name, imagenet), stage=stage, nodes=nodes, gpus_per_node=8)
+    config = load_config(name)
+    stage = "evaluate" if config.eval.checkpoint else "train"
+    teacher = [other for other in REAL_CONFIGS if config.distill.teacher
+               and load_config(other).run.run_dir == Path(config.distill.teacher)]  # the stage it distills
+    ok, report, plan = dry_run(name, moved_data(name, imagenet), stage=stage, nodes=nodes, gpus_per_node=8,
+                               after=teacher)
     assert ok, report
+    if config.distill.type != "none":  # the teacher sized from its own (not yet run) stage's config
+        assert teacher and "written by the earlier stage" in report and "teacher weights" in report
+        assert plan.teacher.model.variant == load_config(teacher[0]).model.variant
     assert "dry run OK" in report and f"{nodes} node(s) x 8 H100 = {nodes * 8} GPUs" in report
     assert "written by the earlier stage" in report or "fresh weights" in report
 
@@ -73,7 +80,7 @@ def test_a_broken_config_lists_every_problem_with_its_key(imagenet, tmp_path):
     ]
     (imagenet / "data/imagenet1k/train-000007.tar").rename(tmp_path / "moved.tar")
     try:
-        ok, report = dry_run("vit_h14_ft448.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
+        ok, report, _ = dry_run("vit_h14_ft448.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
     finally:
         (tmp_path / "moved.tar").rename(imagenet / "data/imagenet1k/train-000007.tar")
     assert not ok
@@ -87,13 +94,14 @@ def test_a_broken_config_lists_every_problem_with_its_key(imagenet, tmp_path):
 
 def test_memory_that_does_not_fit_names_the_planner_recommendation(imagenet):
     overrides = moved_data("vit_h14.yaml", imagenet) + ["train.micro_batch_size=512", "train.global_batch_size=16384"]
-    ok, report = dry_run("vit_h14.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
+    ok, report, _ = dry_run("vit_h14.yaml", overrides, stage="train", nodes=4, gpus_per_node=8)
     assert not ok and "does not fit" in report and "launch/plan.py recommends deepspeed.zero_stage=1" in report
     assert "train.micro_batch_size=128" in report
 
 
 def test_micro_batch_is_lowered_where_the_per_rank_batch_is_smaller(imagenet):
-    ok, report = dry_run("vit_h14.yaml", moved_data("vit_h14.yaml", imagenet), stage="train", nodes=16, gpus_per_node=8)
+    ok, report, _ = dry_run("vit_h14.yaml", moved_data("vit_h14.yaml", imagenet), stage="train", nodes=16,
+                            gpus_per_node=8)
     assert ok and "global 4096 = micro 32 x 128 ranks x accumulation 1" in report and "lowered" in report
 
 
@@ -122,13 +130,13 @@ def test_host_ram_uses_the_manifests_sample_size(tmp_path):
                                                  "shards": [{"url": "train-000000.tar", "num_samples": 1000,
                                                              "num_bytes": 50_000_000}]}))
     common = ["model.num_classes=10", "data.num_workers=4", "data.shuffle_buffer=1000", "train.eval_every=null"]
-    ok, report = dry_run("vit_l16.yaml", [f"data.train_shards={data}/train.json", *common], stage="train", nodes=1,
+    ok, report, _ = dry_run("vit_l16.yaml", [f"data.train_shards={data}/train.json", *common], stage="train", nodes=1,
                          gpus_per_node=8)
     assert ok, report
     assert "host RAM" in report and "8 ranks x 4 workers x 1,000 samples x 50 kB" in report  # 50 MB / 1,000 samples
     bare = [f"data.train_shards={data}/train-000000.tar", "data.samples_per_epoch=1000", *common[:2],
             "data.shuffle_buffer=3GB", "data.num_workers=64"]
-    ok, report = dry_run("vit_l16.yaml", bare, stage="train", nodes=1, gpus_per_node=8)
+    ok, report, _ = dry_run("vit_l16.yaml", bare, stage="train", nodes=1, gpus_per_node=8)
     assert not ok and "data.shuffle_buffer is a size (3,000,000,000 bytes)" in report and "--index" in report
     assert "over half of the 2,048 GB of a node" in report  # 8 x 64 x 3 GB of buffers
 
@@ -141,7 +149,7 @@ def test_stage_links_follow_a_moved_output_dir(chain, imagenet, tmp_path):
     scratch = tmp_path / "scratch"
     for index, name in enumerate(chain):
         stage = "evaluate" if load_config(name).eval.checkpoint else "train"
-        ok, report = dry_run(name, moved_data(name, imagenet) + [f"run.output_dir={scratch}"], stage=stage, nodes=4,
+        ok, report, _ = dry_run(name, moved_data(name, imagenet) + [f"run.output_dir={scratch}"], stage=stage, nodes=4,
                              gpus_per_node=8, after=chain[:index])
         assert ok, report
         if index:

@@ -12,8 +12,9 @@ LAYERS = [
     {"errors"},
     {"model", "data"},
     {"config"},
-    {"flops", "plan", "tracking"},
+    {"flops", "tracking"},
     {"train"},
+    {"plan"},
     {"evaluate", "dryrun", "serving", "cli"},
 ]
 

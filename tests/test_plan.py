@@ -14,6 +14,7 @@ from pipeline.flops import (
     model_state_bytes, param_count,
 )
 from pipeline.plan import Assumptions, format_plan, plan, recommend
+from pipeline.train.run_plan import JobShape, earlier_runs, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,9 +72,14 @@ def test_gradient_traffic():
     assert gradient_bytes_sent_per_gpu(shape, 3, 2) == pytest.approx(1.5 * two)
 
 
+def sized(config, nodes: int, gpus_per_node: int, assume: Assumptions) -> dict:
+    """The planner's figures for ``config``'s run plan on ``nodes`` x ``gpus_per_node`` GPUs."""
+    return plan(resolve(config, JobShape(nodes, gpus_per_node), check_files=False), assume)
+
+
 def test_plan_step_time_follows_flops():
     config = load_config("vit_l16", ["model.num_classes=1000"])
-    result = plan(config, 4, 8, Assumptions(hfu=0.5, comm_overlap=1.0))
+    result = sized(config, 4, 8, Assumptions(hfu=0.5, comm_overlap=1.0))
     flops = config.train.global_batch_size * result["train_gflops_per_image"] * 1e9
     recompute = 4 / 3 if result["recommended"]["activation_checkpointing"] else 1.0
     exposed = result["communication_s_per_step"] * (1 - result["communication_hidden_share"])
@@ -122,23 +128,28 @@ def test_shipped_configs_follow_the_planner_for_their_stated_cluster(name):
     script = (ROOT / "slurm" / f"{config.run.stage}.sh").read_text()
     nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", script, re.M).group(1))
     gpus = int(re.search(r"^#SBATCH --gpus-per-node=(\d+)", script, re.M).group(1))
-    recommended = plan(config, nodes, gpus, Assumptions())["recommended"]
+    # a distillation's teacher, sized from the config of the stage that trains it
+    earlier = earlier_runs([p.name for p in CONFIG_DIR.glob("*.yaml")])
+    run_plan = resolve(config, JobShape(nodes, gpus), check_files=False, earlier=earlier)
+    assert (run_plan.teacher is not None) == (config.distill.type != "none"), run_plan.problems
+    recommended = plan(run_plan, Assumptions())["recommended"]
     assert (config.deepspeed.zero_stage, config.deepspeed.activation_checkpointing, config.train.micro_batch_size) == (
         recommended["zero_stage"], recommended["activation_checkpointing"], recommended["micro_batch_size"]), name
 
 
 def test_host_ram_of_the_data_path_per_node():
     config = load_config("vit_h14.yaml")  # 12 workers a rank, 10,000 samples a buffer
-    memory = plan(config, 4, 8, Assumptions(sample_kb=100.0))["host_ram_data_per_node"]
+    memory = sized(config, 4, 8, Assumptions(sample_kb=100.0))["host_ram_data_per_node"]
     assert memory["shuffle_gb"] == pytest.approx(8 * 12 * 10_000 * 100e3 / 1e9)
     micro = config.micro_batch(32)
     assert memory["batches_gb"] == pytest.approx(8 * (2 * 12 + 2) * micro * 3 * 224 * 224 / 1e9)
     assert memory["workers_gb"] == pytest.approx(8 * 12 * 0.25)
     assert memory["total_gb"] == pytest.approx(memory["shuffle_gb"] + memory["batches_gb"] + memory["workers_gb"])
-    sized = plan(load_config("vit_h14.yaml", ["data.shuffle_buffer=256MB"]), 4, 8, Assumptions(sample_kb=100.0))
-    assert sized["host_ram_data_per_node"]["shuffle_gb"] == pytest.approx(8 * 12 * 0.256)  # the size, whatever a sample
-    assert sized["host_ram_data_per_node"]["buffer_samples"] == 2560
-    assert "host RAM, data path" in format_plan(sized) and "2,560 samples x 100 kB" in format_plan(sized)
+    by_size = sized(load_config("vit_h14.yaml", ["data.shuffle_buffer=256MB"]), 4, 8, Assumptions(sample_kb=100.0))
+    # the size, whatever a sample
+    assert by_size["host_ram_data_per_node"]["shuffle_gb"] == pytest.approx(8 * 12 * 0.256)
+    assert by_size["host_ram_data_per_node"]["buffer_samples"] == 2560
+    assert "host RAM, data path" in format_plan(by_size) and "2,560 samples x 100 kB" in format_plan(by_size)
 
 
 def test_hidden_communication_follows_what_deepspeed_runs():
@@ -153,6 +164,6 @@ def test_hidden_communication_follows_what_deepspeed_runs():
     assert hidden_comm_share(bf16_accumulation, 1, assume) == 0.5
     off = load_config("vit_l16", ["deepspeed.overlap_comm=false"])
     assert hidden_comm_share(off, 2, assume) == 0.0
-    zero1 = plan(load_config("vit_l16", ["model.num_classes=1000"]), 4, 8, assume)
+    zero1 = sized(load_config("vit_l16", ["model.num_classes=1000"]), 4, 8, assume)
     if zero1["recommended"]["zero_stage"] == 1:
         assert zero1["communication_hidden_share"] == 0.0

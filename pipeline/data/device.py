@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.data.batch import TrainBatch
 from pipeline.data.transforms import resize_box
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class BatchFinisher:
                     out.append(None)
             return out
 
-    def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (b, 3, S, S) and int64 labels (b,), on the device, ready for the compute
         stream."""
         if self.stream is None:
@@ -79,15 +80,15 @@ class BatchFinisher:
         labels.record_stream(compute)
         return images, labels
 
-    def _finish(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = self._host(batch["labels"])
-        if "jpeg" not in batch:
-            return self._host(batch["images"]), labels
+    def _finish(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = self._host(batch.labels)
+        if not batch.encoded:
+            return self._host(batch.images), labels
         images = torch.empty(len(labels), 3, self.size, self.size, dtype=torch.uint8, device=self.device)
-        if len(batch["images_at"]):
-            images.index_copy_(0, self._host(batch["images_at"]), self._host(batch["images"]))
-        good, failed, kept, decoded = batch["images_at"].tolist(), [], [], []
-        for i, (place, image) in enumerate(zip(batch["jpeg_at"].tolist(), self._decode(batch["jpeg"]))):
+        if len(batch.images_at):
+            images.index_copy_(0, self._host(batch.images_at), self._host(batch.images))
+        good, failed, kept, decoded = batch.images_at.tolist(), [], [], []
+        for i, (place, image) in enumerate(zip(batch.jpeg_at.tolist(), self._decode(batch.jpeg))):
             if image is None:
                 failed.append(place)
             else:
@@ -95,8 +96,8 @@ class BatchFinisher:
                 kept.append(i)
                 decoded.append(image)
         if kept:
-            resized = self._resize(decoded, batch["jpeg_box"][kept].tolist(), batch["jpeg_flip"][kept])
-            images.index_copy_(0, self._host(batch["jpeg_at"][kept]), resized)
+            resized = self._resize(decoded, batch.jpeg_box[kept].tolist(), batch.jpeg_flip[kept])
+            images.index_copy_(0, self._host(batch.jpeg_at[kept]), resized)
         if failed:
             if not good:
                 raise RuntimeError(f"no image of a batch of {len(labels)} could be decoded on {self.device}")

@@ -28,6 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.batch import EvalBatch
 from pipeline.data.shards import ShardSet, is_seekable, logical_workers, shuffle_samples, stream_count
 from pipeline.data.tarindex import count_samples, shard_members, shard_samples
 from pipeline.data.transforms import stack_images
@@ -140,9 +141,8 @@ class Position(NamedTuple):
 
 
 class TrainStream(IterableDataset):
-    """Infinite training batches ``{"images": uint8 (b,3,S,S), "labels": int64 (b,)}`` for one rank
-    (with a :class:`~pipeline.data.transforms.DeviceTrainTransform`, JPEGs are left encoded:
-    :func:`~pipeline.data.transforms.stack_images`)."""
+    """Infinite :class:`~pipeline.data.batch.TrainBatch` es for one rank (with a
+    :class:`~pipeline.data.transforms.DeviceTrainTransform`, JPEGs are left encoded)."""
 
     def __init__(
         self,
@@ -254,11 +254,8 @@ class TrainStream(IterableDataset):
                     # position: where a restored worker starts; clean: no shard read failed in this
                     # epoch, so a resume may replay it from the manifest's counts
                     clean = int(clean and errors.events == events_before)
-                    yield {
-                        **stack_images(images),
-                        "labels": torch.tensor(labels, dtype=torch.int64),
-                        "position": torch.tensor([worker, epoch, index, skipped + errors.count, clean]),
-                    }
+                    yield stack_images(images, labels)._replace(
+                        position=torch.tensor([worker, epoch, index, skipped + errors.count, clean]))
                     images, labels = [], []
             epoch, index, clean = epoch + 1, 0, 1
 
@@ -300,10 +297,10 @@ class TrainLoader:
             generator=torch.Generator().manual_seed(self.stream.seed),
         )
         for batch in loader:
-            worker, *position = batch.pop("position").tolist()
+            worker, *position = batch.position.tolist()
             self.positions[worker] = Position(*position)
             self.batches += 1
-            yield batch
+            yield batch._replace(position=None)
 
     def state_dict(self) -> dict:
         return {
@@ -354,9 +351,9 @@ def stream_ranges(counts: list[int], streams: int, whole_shards: bool) -> list[t
 
 
 class EvalStream(IterableDataset):
-    """Each sample of ``shards`` exactly once over all ranks and workers, as padded, masked batches
-    ``{"images", "labels", "mask", "index", "skipped"}`` (``index``: global sample index, -1 for
-    padding); an undecodable sample is masked and counted in ``skipped``."""
+    """Each sample of ``shards`` exactly once over all ranks and workers, as padded, masked
+    :class:`~pipeline.data.batch.EvalBatch` es; an undecodable sample is masked and counted in
+    ``skipped``."""
 
     def __init__(self, shards: ShardSet, transform: Callable, *, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, image_size: int, num_classes: int | None = None):
@@ -424,22 +421,18 @@ class EvalStream(IterableDataset):
         if images:
             yield self._batch(images, labels, mask, indices, skipped)
 
-    def _batch(self, images, labels, mask, indices, skipped) -> dict:
+    def _batch(self, images, labels, mask, indices, skipped) -> EvalBatch:
         pad = self.batch_size - len(images)
         images = images + [torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)] * pad
-        return {
-            "images": torch.stack(images),
-            "labels": torch.tensor(labels + [-1] * pad, dtype=torch.int64),
-            "mask": torch.tensor(mask + [False] * pad),
-            "index": torch.tensor(indices + [-1] * pad, dtype=torch.int64),
-            "skipped": torch.tensor(skipped),
-        }
+        return EvalBatch(images=torch.stack(images), labels=torch.tensor(labels + [-1] * pad, dtype=torch.int64),
+                         mask=torch.tensor(mask + [False] * pad),
+                         index=torch.tensor(indices + [-1] * pad, dtype=torch.int64), skipped=torch.tensor(skipped))
 
-    def empty_batch(self) -> dict:
+    def empty_batch(self) -> EvalBatch:
         return self._batch([], [], [], [], 0)
 
 
-def eval_batches(stream: EvalStream, pin_memory: bool = False) -> Iterator[dict]:
+def eval_batches(stream: EvalStream, pin_memory: bool = False) -> Iterator[EvalBatch]:
     """The rank's evaluation batches, padded with empty ones so every rank yields the same count;
     with ``pin_memory`` in page-locked memory, so the copies to a GPU overlap."""
     loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator(),

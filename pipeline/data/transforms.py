@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torchvision.transforms.v2.functional import resized_crop
 
+from pipeline.data.batch import TrainBatch
+
 log = logging.getLogger(__name__)
 EXIF_ORIENTATION = 0x0112
 
@@ -273,22 +275,23 @@ class DeviceTrainTransform(TrainTransform):
         return JpegCrop(data, (top, left, h, w), rng.random() < self.hflip)
 
 
-def stack_images(images: list[torch.Tensor | JpegCrop]) -> dict:
-    """A batch's images: ``{"images": uint8 (b, 3, S, S)}``; where some are left encoded, the
-    decoded ones with their places (``images``, ``images_at``) and the JPEGs with theirs
-    (``jpeg``: 1-D uint8 tensors, ``jpeg_at``, ``jpeg_box``, ``jpeg_flip``), for :class:`BatchFinisher`."""
+def stack_images(images: list[torch.Tensor | JpegCrop], labels: list[int] | torch.Tensor) -> TrainBatch:
+    """A training batch of ``images`` (uint8 tensors, or crops left encoded for
+    :class:`BatchFinisher`) and their ``labels``."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
     encoded = [i for i, image in enumerate(images) if isinstance(image, JpegCrop)]
     if not encoded:
-        return {"images": torch.stack(images)}
+        return TrainBatch(torch.stack(images), labels)
     decoded = sorted(set(range(len(images))) - set(encoded))
-    return {
-        "images": torch.stack([images[i] for i in decoded]) if decoded else torch.zeros(0, dtype=torch.uint8),
-        "images_at": torch.tensor(decoded, dtype=torch.int64),
-        "jpeg": [torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in encoded],
-        "jpeg_at": torch.tensor(encoded, dtype=torch.int64),
-        "jpeg_box": torch.tensor([images[i].box for i in encoded], dtype=torch.int64),
-        "jpeg_flip": torch.tensor([images[i].flip for i in encoded]),
-    }
+    return TrainBatch(
+        images=torch.stack([images[i] for i in decoded]) if decoded else torch.zeros(0, dtype=torch.uint8),
+        labels=labels,
+        images_at=torch.tensor(decoded, dtype=torch.int64),
+        jpeg=[torch.frombuffer(bytearray(images[i].data), dtype=torch.uint8) for i in encoded],
+        jpeg_at=torch.tensor(encoded, dtype=torch.int64),
+        jpeg_box=torch.tensor([images[i].box for i in encoded], dtype=torch.int64),
+        jpeg_flip=torch.tensor([images[i].flip for i in encoded]),
+    )
 
 
 class EvalTransform:

@@ -47,7 +47,12 @@ def parse_variant(variant: str) -> tuple[str, int]:
 
 
 class VisionTransformer(nn.Module):
-    """ViT classifier. Input (b, c, H, W) float images; output (b, num_classes) logits."""
+    """ViT classifier. Input (b, c, H, W) float images; output (b, num_classes) logits.
+
+    ``distilled``: DeiT's distillation token (Touvron et al., 2021) with a second head, as timm's
+    ``VisionTransformerDistilled`` names them (``dist_token``, ``head_dist``; two prefix tokens in
+    ``pos_embed``). In training mode the forward returns both heads' logits (class, distillation);
+    in eval mode their average, unless ``separate_heads`` is set (an evaluation that scores each)."""
 
     def __init__(
         self,
@@ -67,23 +72,29 @@ class VisionTransformer(nn.Module):
         layer_scale_init: float | None = None,
         drop_path_rate: float = 0.0,
         dropout: float = 0.0,
+        distilled: bool = False,
     ):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        if distilled and (global_pool != "token" or pre_logits):
+            raise ValueError("distilled needs global_pool='token' and no pre_logits (DeiT's, and timm's, layout)")
         self.image_size = image_size
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
+        self.distilled = distilled
+        self.separate_heads = False
+        self.num_prefix_tokens = (1 if class_token else 0) + (1 if distilled else 0)
         self.grad_checkpointing_every = 0
 
         grid = image_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + grid * grid, embed_dim))
         self.pos_drop = nn.Dropout(dropout)
         # Linear stochastic-depth rule; plain floats so that building on the meta device works.
@@ -111,6 +122,8 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(dropout)
         head_dim = pre_logits or embed_dim
         self.head = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if distilled:
+            self.head_dist = nn.Linear(head_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -127,7 +140,7 @@ class VisionTransformer(nn.Module):
     def init_weights(self) -> "VisionTransformer":
         """ViT-paper / big_vision initialisation: xavier-uniform linears (q, k, v counted
         separately), LeCun-normal patch embedding, pos_embed ~ N(0, 0.02), zero class token and
-        a zero-initialised head."""
+        zero-initialised heads; a distillation token ~ N(0, 0.02), as DeiT's."""
         for name, module in self.named_modules():
             self.init_module_weights(name, module)
         return self
@@ -140,8 +153,10 @@ class VisionTransformer(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
             if self.cls_token is not None:
                 nn.init.zeros_(self.cls_token)
+            if self.dist_token is not None:
+                nn.init.trunc_normal_(self.dist_token, std=0.02)
         elif isinstance(module, nn.Linear):
-            if name == "head":
+            if name in ("head", "head_dist"):
                 nn.init.zeros_(module.weight)
                 nn.init.zeros_(module.bias)
                 return
@@ -179,20 +194,20 @@ class VisionTransformer(nn.Module):
             block.residuals = torch.compile(block.residuals, **options)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
+        return {"pos_embed", "cls_token", "dist_token"}
 
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise LR decay: embeddings 0, block i -> i + 1, rest depth + 1."""
-        if name.startswith(("patch_embed", "pos_embed", "cls_token")):
+        if name.startswith(("patch_embed", "pos_embed", "cls_token", "dist_token")):
             return 0
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return self.depth + 1
 
     def freeze_backbone(self) -> None:
-        """Train the head alone (linear probe)."""
+        """Train the heads alone (linear probe)."""
         for name, param in self.named_parameters():
-            param.requires_grad = name.startswith("head.")
+            param.requires_grad = name.startswith(("head.", "head_dist."))
 
     def unfreeze_backbone(self) -> None:
         for param in self.parameters():
@@ -208,8 +223,9 @@ class VisionTransformer(nn.Module):
                 f"input gives {x.shape[1]} patches but the model was built for {self.image_size}px "
                 f"({self.pos_embed.shape[1] - self.num_prefix_tokens} patches); resample pos_embed first"
             )
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
+        if prefix:
+            x = torch.cat([*prefix, x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
         every = self.grad_checkpointing_every
         for i, block in enumerate(self.blocks):
@@ -219,14 +235,21 @@ class VisionTransformer(nn.Module):
                 x = block(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens (b, n, d) -> logits (b, num_classes), or the pooled representation."""
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Tokens (b, n, d) -> logits (b, num_classes), or the pooled representation. Distilled:
+        in training both heads' logits, else their average (timm's ``VisionTransformerDistilled``)."""
+        if self.distilled:
+            x, x_dist = x[:, 0], x[:, 1]
+            if pre_logits:
+                return (x + x_dist) / 2
+            x, x_dist = self.head(x), self.head_dist(x_dist)
+            return (x, x_dist) if self.training or self.separate_heads else (x + x_dist) / 2
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
         x = self.pre_logits(self.fc_norm(x))
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.forward_head(self.forward_features(x))
 
 
@@ -259,4 +282,5 @@ def vit_from_config(model_config) -> VisionTransformer:
         layer_scale_init=c.layer_scale_init,
         drop_path_rate=c.drop_path_rate,
         dropout=c.dropout,
+        distilled=c.distilled,
     )

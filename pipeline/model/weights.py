@@ -21,6 +21,7 @@ from pipeline.model.vit import VisionTransformer
 log = logging.getLogger(__name__)
 PRE_LOGITS_KEYS = ("pre_logits.fc.weight", "pre_logits.fc.bias")
 HEAD_KEYS = ("head.weight", "head.bias")
+HEADS = HEAD_KEYS + ("head_dist.weight", "head_dist.bias")  # a distilled model's second head too
 
 
 def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *, reset_head: bool = False,
@@ -29,15 +30,22 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
     structure is read, so a meta-device model serves. Values may be tensors or lazily read
     entries with ``.shape`` and ``.contiguous()``.
 
-    - ``pos_embed`` is resampled to the model's grid (bicubic, antialiased; class token kept);
+    - ``pos_embed`` is resampled to the model's grid (bicubic, antialiased; prefix tokens kept);
+    - a distilled model started from an undistilled one keeps its fresh distillation token and
+      head, the token's position starting as the class token's;
     - a pre-logits layer the model lacks is dropped;
-    - the head is left out (so the model keeps its fresh one) when the class count differs or
+    - the heads are left out (so the model keeps its fresh ones) when the class count differs or
       ``reset_head``;
     - any other difference is an error naming the keys and shapes.
     """
     state = dict(state)
     target = model.state_dict()
-    notes = []
+    notes, fresh = [], set(HEADS)  # keys the model may keep as built
+    if "dist_token" in target and "dist_token" not in state and "pos_embed" in state:
+        old = state["pos_embed"].contiguous()
+        state["pos_embed"] = torch.cat([old[:, :1], old[:, :1], old[:, 1:]], dim=1)
+        fresh.add("dist_token")
+        notes.append("distillation token added (its position the class token's), its head fresh")
     if "pos_embed" in state and state["pos_embed"].shape != target["pos_embed"].shape:
         old = state["pos_embed"].contiguous()  # a lazily read entry is read here
         state["pos_embed"] = resample_pos_embed(old, model.grid_size, num_prefix_tokens=model.num_prefix_tokens)
@@ -49,13 +57,13 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: VisionTransformer, *
         reset_head = reset_head or HEAD_KEYS[0] in state and state[HEAD_KEYS[0]].shape != target[HEAD_KEYS[0]].shape
     if HEAD_KEYS[0] in target and HEAD_KEYS[0] in state:
         if reset_head or state[HEAD_KEYS[0]].shape != target[HEAD_KEYS[0]].shape:
-            for key in HEAD_KEYS:
+            for key in HEADS:
                 state.pop(key, None)
             notes.append(f"head re-initialised for {model.num_classes} classes")
     elif HEAD_KEYS[0] in state:  # a model without a head
-        for key in HEAD_KEYS:
+        for key in HEADS:
             state.pop(key, None)
-    missing = sorted(set(target) - set(state) - set(HEAD_KEYS))
+    missing = sorted(set(target) - set(state) - fresh)
     unexpected = sorted(set(state) - set(target))
     mismatched = sorted(k for k in set(state) & set(target) if state[k].shape != target[k].shape)
     if missing or unexpected or mismatched:

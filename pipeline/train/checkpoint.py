@@ -65,7 +65,12 @@ def read_marker(checkpoint: Path) -> dict:
 
 def model_signature(config) -> dict:
     """The architecture, as the completion marker records it (export rebuilds the model from it)."""
-    return config.model.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
+    return architecture(config.model)
+
+
+def architecture(model_config) -> dict:
+    """A model's settings that shape its weights (not its regularisation or compilation)."""
+    return model_config.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
 
 
 def checkpoint_dir(source: str | Path) -> Path:
@@ -164,9 +169,11 @@ class Checkpointer:
     def __init__(self, directory: Path, keep: int, rank: int):
         self.directory, self.keep, self.rank = Path(directory), keep, rank
 
-    def save(self, engine, step: int, client_state: dict, model_signature: dict, extra=None) -> Path:
+    def save(self, engine, step: int, client_state: dict, model_signature: dict, extra=None,
+             run_id: str | None = None) -> Path:
         """Collective: every rank calls it. ``model_signature`` goes into the completion marker,
-        so a checkpoint of another model is refused before DeepSpeed reads it. ``extra(path,
+        so a checkpoint of another model is refused before DeepSpeed reads it, and the MLflow
+        ``run_id`` that wrote it (a student distilled from it links to that run). ``extra(path,
         step)``, if given, writes more of the rank's state into the checkpoint before it is marked
         complete."""
         tag = tag_for(step)
@@ -188,7 +195,8 @@ class Checkpointer:
         self._agree_written(path, error, engine.device)
         if self.rank == 0:
             marker = {"step": step, "time": time.time(), "world_size": _world_size(),
-                      "zero_stage": engine.zero_optimization_stage(), "model": model_signature}
+                      "zero_stage": engine.zero_optimization_stage(), "model": model_signature,
+                      "mlflow_run_id": run_id}
             tmp = path / (COMPLETE + ".tmp")
             try:
                 tmp.write_text(json.dumps(marker))

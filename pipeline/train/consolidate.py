@@ -1,5 +1,5 @@
-"""Models with their weights: build the configured ViT on every rank, and fill it from a training
-checkpoint (any ZeRO stage, any world size) or a safetensors file.
+"""Weights for the model: read from a training checkpoint (any ZeRO stage, any world size) or a
+safetensors file, adapted to the configured model, and exported.
 
 Rank 0 alone reads and adapts the source, one tensor at a time where the format allows (ZeRO-3
 partitions, safetensors, stage-0 files; a ZeRO-1/2 source merges one flat fp32 copy), and the
@@ -13,14 +13,13 @@ import functools
 import logging
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 
 from pipeline.errors import MissingInput, WrongInput
-from pipeline.model import VisionTransformer, vit_from_config
+from pipeline.model import vit_from_config
 from pipeline.model.weights import HEAD_KEYS, LazyTensor, adapt_state_dict, load_safetensors
 from pipeline.train import safe_load
 from pipeline.train.checkpoint import checkpoint_dir, read_marker
@@ -127,51 +126,13 @@ def read_pretrained(source: str | Path, model_config, *, reset_head: bool = Fals
     return state
 
 
-def load_weights(model: torch.nn.Module, state: Mapping | None, *, zero3: bool) -> None:
-    """Copy ``state`` into ``model`` on every rank. Only rank 0 passes ``state`` (None elsewhere);
-    keys it lacks keep the model's own (fresh, equally seeded) values. Entries are taken one at a
-    time and released once copied. ZeRO-3: each module's partitioned parameters are gathered,
-    written on rank 0 and re-partitioned from it; otherwise each tensor is broadcast from rank 0."""
-    import deepspeed
-
-    state = dict(state) if state is not None else None
-    broadcast = not zero3 and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            prefix = f"{name}." if name else ""
-            tensors = dict(module.named_parameters(recurse=False))
-            with deepspeed.zero.GatheredParameters(list(tensors.values()), modifier_rank=0,
-                                                   enabled=zero3 and bool(tensors)):
-                tensors.update(module.named_buffers(recurse=False))
-                for key, tensor in tensors.items():
-                    if state is not None and prefix + key in state:
-                        tensor.copy_(state.pop(prefix + key).contiguous().to(tensor.dtype))
-                    if broadcast:
-                        dist.broadcast(tensor.data, src=0)
-
-
-def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: dict | None = None,
-                zero3: bool = False, pretrained: str | Path | None = None, reset_head: bool = False,
-                same_head: bool = False, ema: bool = False) -> VisionTransformer:
-    """The configured ViT on every rank, initialised, then filled from ``pretrained`` if given
-    (read on rank 0 only; a failure there is raised on every rank). Under ZeRO-3 parameters are
-    partitioned as each module is built and initialised one module at a time, gathered, so no
-    rank holds the whole model; otherwise it is built directly on ``device``. With ``ema`` the
-    source checkpoint's EMA weights are taken. Seed the RNG alike
-    on every rank first: fresh weights must agree."""
-    import deepspeed
-
-    with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else torch.device(device):
-        model = vit_from_config(model_config)
-    for name, module in model.named_modules():
-        params = list(module.parameters(recurse=False))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):
-            model.init_module_weights(name, module)
-    if pretrained:
-        state = on_rank0(lambda: read_pretrained(pretrained, model_config, reset_head=reset_head, same_head=same_head,
-                                                 ema=ema))
-        load_weights(model, state, zero3=zero3)
-    return model
+def pretrained(source: str | Path, model_config, *, reset_head: bool = False, same_head: bool = False,
+               ema: bool = False) -> Callable[[], Mapping | None]:
+    """The weights of ``source`` for :func:`pipeline.model.build_model`: read and adapted on rank 0
+    alone (:func:`read_pretrained`), None on the other ranks, which receive them from rank 0; a
+    failure on rank 0 is raised on every rank."""
+    return lambda: on_rank0(lambda: read_pretrained(source, model_config, reset_head=reset_head, same_head=same_head,
+                                                    ema=ema))
 
 
 def export_checkpoint(source: str | Path, out: str | Path, ema: bool = False) -> tuple[Path, Path, int]:

@@ -13,10 +13,10 @@ def compute_dtype(config: Config) -> torch.dtype:
     return torch.bfloat16 if config.deepspeed.precision == "bf16" else torch.float32
 
 
-def build_eval_deepspeed_config(config: Config, world_size: int) -> dict:
-    """Inference under ZeRO-3 (evaluation of a partitioned model): no optimizer, one batch of
-    ``eval.micro_batch_size`` per rank."""
-    batch = config.eval.micro_batch_size
+def build_eval_deepspeed_config(config: Config, world_size: int, batch: int | None = None) -> dict:
+    """Inference under ZeRO-3 (evaluation of a partitioned model, a partitioned teacher): no
+    optimizer, one batch of ``batch`` (default ``eval.micro_batch_size``) per rank."""
+    batch = batch or config.eval.micro_batch_size
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
             "train_batch_size": batch * world_size, "bf16": {"enabled": config.deepspeed.precision == "bf16"},
             "zero_optimization": {"stage": 3}, "steps_per_print": 2**31 - 1}

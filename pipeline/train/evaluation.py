@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import EvalStream, EvalTransform, Normalize, eval_batches, resolve_shards
+from pipeline.model import build_model
+from pipeline.data import EvalStream, EvalTransform, Normalize, ShardSet, eval_batches
 from pipeline.train import signals
-from pipeline.train.consolidate import build_model
+from pipeline.train.consolidate import pretrained
 from pipeline.train.distributed import DistEnv, StepAgreement
-from pipeline.train.ds_config import build_eval_deepspeed_config
+from pipeline.train.run_plan import RunPlan
 
 ECE_BINS = 15
 MAX_CONFUSION_CLASSES = 1000  # a 21k x 21k matrix is neither small nor readable
@@ -34,23 +35,34 @@ class Tally:
 
     def __init__(self, num_classes: int, device: torch.device):
         self.device = device
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
+        # loss, top1, top5, count; a distilled model's top-1 of its class and distillation heads
+        self.sums = torch.zeros(6, dtype=torch.float64, device=device)
+        self.heads = False  # whether a distilled model's heads were scored apart
         self.per_class = torch.zeros(2, num_classes, dtype=torch.float64, device=device)  # correct, count
         self.confusion = (torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
                           if num_classes <= MAX_CONFUSION_CLASSES else None)
         self.bins = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=device)  # count, confidence, correct
         self.skipped = torch.zeros(1, dtype=torch.float64, device=device)
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        """Masked rows (padding, unreadable samples) weigh 0: no host read, no data-dependent shape."""
+    def add(self, output: torch.Tensor | tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+            mask: torch.Tensor) -> None:
+        """``output``: logits, or a distilled model's (class, distillation) head logits, scored as
+        their average and each apart. Masked rows (padding, unreadable samples) weigh 0: no host
+        read, no data-dependent shape."""
         weight = mask.double()
-        logits, labels = logits.float(), torch.where(mask, labels, 0)  # padding is labelled -1
+        labels = torch.where(mask, labels, 0)  # padding is labelled -1
+        heads = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if isinstance(output, tuple):
+            self.heads = True
+            heads = torch.stack([((h.argmax(-1) == labels).double() * weight).sum() for h in output])
+            output = (output[0].float() + output[1].float()) / 2
+        logits = output.float()
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
         correct = (predicted == labels).double() * weight
         top5 = logits.topk(min(5, logits.shape[-1]), -1).indices.eq(labels[:, None]).any(-1).double() * weight
         loss = (F.cross_entropy(logits, labels, reduction="none").double() * weight).sum()
-        self.sums += torch.stack([loss, correct.sum(), top5.sum(), weight.sum()])
+        self.sums += torch.cat([torch.stack([loss, correct.sum(), top5.sum(), weight.sum()]), heads])
         self.per_class[0].index_add_(0, labels, correct)
         self.per_class[1].index_add_(0, labels, weight)
         if self.confusion is not None:
@@ -74,9 +86,10 @@ class Tally:
             raise RuntimeError(f"evaluated {evaluated} + skipped {skipped} samples, but the shards hold {num_samples}")
 
     def summary(self) -> dict:
-        loss, top1, top5, count = self.sums.tolist()
+        loss, top1, top5, count, top1_cls, top1_dist = self.sums.tolist()
         count = max(count, 1)
-        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count}
+        heads = {"top1_cls_head": top1_cls / count, "top1_dist_head": top1_dist / count} if self.heads else {}
+        return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count, **heads}
 
     def report(self, classes: list[str]) -> dict:
         count = max(self.sums[3].item(), 1)
@@ -94,32 +107,31 @@ class Preempted(RuntimeError):
     """Every rank stopped the evaluation on a preemption signal; the job should be requeued."""
 
 
-def eval_model(config: Config, source: str, env: DistEnv, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The model at ``config.model.image_size`` with the weights of ``source`` (read on rank 0;
-    its EMA weights with ``eval.use_ema``; pos_embed resampled when the resolution differs; the
-    classes must match), in eval mode and
-    the configured precision: a plain module on the device at ZeRO 0-2, a partitioned DeepSpeed
-    engine at ZeRO-3."""
-    c = config
-    if c.deepspeed.zero_stage < 3:
-        model = build_model(c.model, device=device, pretrained=source, same_head=True, ema=c.eval.use_ema)
-        return model.to(dtype).eval()
-    ds_config = build_eval_deepspeed_config(config, env.world_size)
-    model = build_model(c.model, device=device, ds_config=ds_config, zero3=True, pretrained=source, same_head=True,
-                        ema=c.eval.use_ema)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+def eval_model(plan: RunPlan, source: str, device: torch.device) -> torch.nn.Module:
+    """The model at ``model.image_size`` with the weights of ``source`` (read on rank 0; its EMA
+    weights with ``eval.use_ema``; pos_embed resampled when the resolution differs; the classes
+    must match), in eval mode and the plan's precision: a plain module on the device at ZeRO 0-2,
+    a partitioned DeepSpeed engine at ZeRO-3 (the plan's evaluation DeepSpeed config). A
+    distilled model gives both heads' logits."""
+    c = plan.config
+    weights = pretrained(source, c.model, same_head=True, ema=c.eval.use_ema)
+    zero3 = plan.eval_deepspeed is not None
+    model = build_model(c.model, device=device, ds_config=plan.eval_deepspeed, zero3=zero3, weights=weights)
+    model.separate_heads = model.distilled  # the report scores each head besides their average
+    if not zero3:
+        return model.to(plan.dtype).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=plan.eval_deepspeed)
     engine.eval()  # returns None, unlike Module.eval
     return engine
 
 
-def eval_stream(config: Config, env: DistEnv) -> tuple[EvalStream, list[str]]:
-    """The exact evaluation stream of ``data.eval_shards`` for this rank, and the class names."""
+def eval_stream(config: Config, env: DistEnv, shards: ShardSet) -> EvalStream:
+    """The exact evaluation stream of ``shards`` (``data.eval_shards``, as the run plan resolved
+    them) for this rank."""
     c = config
-    shards = resolve_shards(c.data.eval_shards)
-    stream = EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
-                        rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
-                        image_size=c.model.image_size, num_classes=c.model.num_classes)
-    return stream, shards.classes
+    return EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
+                      rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
+                      image_size=c.model.image_size, num_classes=c.model.num_classes)
 
 
 @torch.no_grad()
@@ -138,12 +150,12 @@ def run_eval(model, stream: EvalStream, tally: Tally, normalize: Normalize, dtyp
         if agreed is not None and agreed[1]:
             raise Preempted(f"evaluation stopped on {signals.received() or 'a signal on another rank'}")
         agreement.post(index, signals.received() is not None)
-        mask = batch["mask"].to(device, non_blocking=True)
-        tally.skipped += batch["skipped"].to(device, non_blocking=True)
-        if not zero3 and not batch["mask"].any():
+        mask = batch.mask.to(device, non_blocking=True)
+        tally.skipped += batch.skipped.to(device, non_blocking=True)
+        if not zero3 and not batch.mask.any():
             continue  # a padding batch: only ZeRO-3 needs every rank's forward
-        images = normalize(batch["images"].to(device, non_blocking=True)).to(dtype)
-        tally.add(model(images), batch["labels"].to(device, non_blocking=True), mask)
+        images = normalize(batch.images.to(device, non_blocking=True)).to(dtype)
+        tally.add(model(images), batch.labels.to(device, non_blocking=True), mask)
 
 
 

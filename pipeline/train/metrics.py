@@ -28,7 +28,9 @@ class Meter:
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
-        self.sums = None  # on the device: loss over finite micro-batches, correct, finite micro-batches
+        # On the device, over finite micro-batches: loss, correct, finite micro-batches, and the
+        # loss's two terms (label, distillation)
+        self.sums = None
         self.count = 0  # images
 
     @contextmanager
@@ -37,10 +39,13 @@ class Meter:
         yield
         self.data_wait += time.perf_counter() - start
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int) -> None:
-        """``loss``: the micro-batch's scalar loss; ``correct``: a boolean per image. No host read."""
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, terms: torch.Tensor | None = None) -> None:
+        """``loss``: the micro-batch's scalar loss; ``correct``: a boolean per image; ``terms``:
+        the loss's label and distillation terms (default: the loss and 0). No host read."""
         finite = torch.isfinite(loss)
-        sums = torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(), finite.double()])
+        terms = torch.stack([loss, torch.zeros_like(loss)]) if terms is None else terms
+        sums = torch.cat([torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(),
+                                       finite.double()]), torch.where(finite, terms, 0.0).double()])
         self.sums = sums if self.sums is None else self.sums + sums
         self.count += images
 

@@ -4,66 +4,40 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Iterator
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import ByteSize
 from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import (
-    BatchFinisher, Normalize, TrainLoader, TrainStream, TrainTransform, batch_mixer, resolve_shards,
+    BatchFinisher, Normalize, TrainBatch, TrainLoader, TrainStream, TrainTransform, batch_mixer,
 )
-from pipeline.data.shards import shards_for_streams, stream_count
+from pipeline.data.shards import shards_for_streams
 from pipeline.data.transforms import DeviceTrainTransform
-from pipeline.flops import VitShape, device_peak_tflops, train_flops_per_image
-from pipeline.model import VisionTransformer
+from pipeline.flops import device_peak_tflops
+from pipeline.model import VisionTransformer, build_model
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
-from pipeline.train.cadence import Cadence
-from pipeline.train.consolidate import build_model
-from pipeline.train.distributed import DistEnv, StepAgreement, describe_placements, gather_placements, rank_device
+from pipeline.train.cadence import Cadence, StopAgreement
+from pipeline.train.consolidate import pretrained
+from pipeline.train.distill import check_same_teacher, distillation_loss, start_teacher
+from pipeline.train.distributed import DistEnv, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
-from pipeline.train.ds_config import build_deepspeed_config, compute_dtype
 from pipeline.train.evaluation import Preempted, Tally, eval_stream, run_eval
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
+from pipeline.train.rng import rng_state, seed_everything, set_rng_state
+from pipeline.train.run_plan import JobShape, RunPlan, resolve
 
 log = logging.getLogger(__name__)
 EXIT_PREEMPTED = signals.EXIT_PREEMPTED
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -75,8 +49,10 @@ class Trainer:
 
     0. placement: where every rank runs, written to ``ranks.json`` (an all-gather; refuses two
        ranks of one host with the same ``LOCAL_RANK``);
-    1. data: the training stream (none; a dataset that does not fit is refused before any model work);
-    2. resume: rank 0 picks the checkpoint to resume, the others are told (a broadcast);
+    1. plan: rank 0 picks the checkpoint to resume, the others are told (a broadcast); then the
+       run plan (:mod:`pipeline.train.run_plan`, what ``--dry-run`` prints), written to
+       ``plan.json``: data, a batch or a length that does not fit is refused before any model work;
+    2. data: the training stream, and with ``train.eval_every`` the evaluation stream (none);
     3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
        and broadcast; ZeRO-3 partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets);
     4. state: the checkpoint loaded (every rank reads its partition), then the client state,
@@ -88,82 +64,88 @@ class Trainer:
     """
 
     def __init__(self, config: Config, env: DistEnv):
-        self.config, self.env = config, env
+        self.config, self.env, self.is_main = config, env, env.is_main
         self.tracker: Tracker | None = None  # close() may run after a failed construction
         self.system_metrics = None
-        self.is_main = env.is_main
         self.run_dir = config.run.run_dir
         self.checkpoints = ckpt.Checkpointer(self.run_dir / "checkpoints", config.train.keep_checkpoints, env.rank)
-        self.step, self.bad_steps, self.lr = 0, 0, 0.0
+        self.step, self.lr = 0, 0.0
         signals.install()  # the launchers install it first thing; a library caller gets it here
-        config.check_world_size(env.world_size)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.run_dir / "config.yaml")
         self.device = rank_device(env)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
-            torch.backends.cudnn.allow_tf32 = True
-        self.dtype = compute_dtype(config)
-        self.normalize = Normalize(config.data.mean, config.data.std, self.device)
-        self.decoder = BatchFinisher(config.model.image_size, self.device)
-        self.agreement = StepAgreement(self.device)
-
-        self.placements = gather_placements(env, self.device)
-        if self.is_main:
-            log.info("%s", describe_placements(self.placements))
-            (self.run_dir / "ranks.json").write_text(json.dumps(self.placements, indent=1))
+        self.placements = self.place()
+        self.plan = self.resolve_plan()
         self.loader = self.build_loader()
-        self.eval_stream = eval_stream(config, env)[0] if config.train.eval_every else None
-        resume = ckpt.agree_on_resume(config.train.resume, self.checkpoints.directory, ckpt.model_signature(config),
-                                      env.world_size)
-        self.ds_config = build_deepspeed_config(config, env.world_size,
-                                                load_universal=resume is not None and ckpt.is_universal(resume))
-        self.engine = self.build_engine(resume)
-        self.schedule()
-        run_id = self.resume(resume)
-        self.ema = self.build_ema(resume)
+        self.eval_stream = eval_stream(config, env, self.plan.eval_shards) if config.train.eval_every else None
+        self.decoder = BatchFinisher(config.model.image_size, self.device)
+        self.normalize = Normalize(config.data.mean, config.data.std, self.device)
+        self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
+        self.engine = self.build_engine()
+        self.teacher, self.teacher_identity = start_teacher(self.plan, self.device, self.is_main)
+        self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
+        self.peak_tflops = config.train.device_peak_tflops or (
+            device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
+        self.stops = StopAgreement(self.device, config.train.max_bad_steps)
+        run_id = self.resume()
+        self.ema = self.build_ema()
         self.tracker, self.system_metrics = self.start_tracking(run_id)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.tracker, self.is_main)
 
     # -- construction -------------------------------------------------------------------------
 
-    def build_engine(self, resume: Path | None) -> deepspeed.DeepSpeedEngine:
+    def place(self) -> list[dict]:
+        """Every rank's placement, checked, logged and written to ``ranks.json``."""
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (the loss, any fp32 run) on tensor cores
+            torch.backends.cudnn.allow_tf32 = True
+        placements = gather_placements(self.env, self.device)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.config.save(self.run_dir / "config.yaml")
+            log.info("%s", describe_placements(placements))
+            (self.run_dir / "ranks.json").write_text(json.dumps(placements, indent=1))
+        return placements
+
+    def resolve_plan(self) -> RunPlan:
+        """The run plan on this job: the resume target as rank 0 chose it for every rank, then
+        everything else as the dry run works it out; rank 0 writes it to ``plan.json``."""
         c = self.config
+        resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, ckpt.model_signature(c),
+                                      self.env.world_size)
+        plan = resolve(c, JobShape.of(self.placements, self.device), "train", resume=resume).check()
+        if self.is_main:
+            plan.write(self.run_dir)
+            if len(plan.train_shards.urls) < plan.streams:
+                log.info("data.train_shards: %s", shards_for_streams(len(plan.train_shards.urls), self.env.world_size,
+                                                                      c.data.num_workers))
+            if plan.micro_batch != c.train.micro_batch_size:
+                log.info("train.micro_batch_size %d -> %d: the per-rank batch is %d at %d ranks",
+                         c.train.micro_batch_size, plan.micro_batch, c.train.global_batch_size // self.env.world_size,
+                         self.env.world_size)
+        return plan
+
+    def build_engine(self) -> deepspeed.DeepSpeedEngine:
+        c, plan = self.config, self.plan
         seed_everything(c.run.seed)  # the same initial weights on every rank
-        init_from = c.finetune.init_from if c.run.stage == "finetune" and resume is None else None
-        model = self.make_model(pretrained=init_from, ema=c.finetune.use_ema)
+        init_from = c.finetune.init_from if c.run.stage == "finetune" and plan.resume is None else None
+        model = self.make_model(init_from, ema=c.finetune.use_ema)
         optimizer = build_optimizer(model, c.optim, offload=c.deepspeed.offload_optimizer != "none", device=self.device)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=plan.deepspeed)
         seed_everything(c.run.seed + 1000 * self.env.rank)  # dropout and mixing differ per rank
         return engine
 
-    def schedule(self) -> None:
-        """Length, learning rate, batch mixing and the figures MFU needs (host only)."""
-        c = self.config
-        self.total_steps = c.total_steps(self.loader.stream.samples_per_epoch)
-        if self.total_steps is None:
-            raise ValueError("set train.total_steps, train.total_samples, or train.epochs with a known "
-                             "samples_per_epoch")
-        self.peak_lr = peak_lr(c.optim, c.train.global_batch_size)
-        self.mixer = batch_mixer(c.data.mixup, c.data.cutmix, c.model.num_classes)
-        self.flops_per_image = train_flops_per_image(VitShape.from_config(c.model))
-        self.peak_tflops = c.train.device_peak_tflops or (
-            device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
-
-    def resume(self, resume: Path | None) -> str | None:
+    def resume(self) -> str | None:
         """Load the checkpoint and client state; the MLflow run id it names, if any."""
-        if resume is None:
+        if self.plan.resume is None:
             return None
-        state = self.checkpoints.load(self.engine, resume)
+        state = self.checkpoints.load(self.engine, self.plan.resume)
         self.load_state_dict(state)
         if self.is_main:
-            log.info("resumed from %s at step %d", resume, self.step)
+            log.info("resumed from %s at step %d", self.plan.resume, self.step)
         return state.get("mlflow_run_id")
 
-    def build_ema(self, resume: Path | None) -> ShardedEma | None:
+    def build_ema(self) -> ShardedEma | None:
         """The EMA of the weights, resumed from the checkpoint's (the original of a universal one)."""
-        c = self.config.train
+        c, resume = self.config.train, self.plan.resume
         if c.ema_decay is None:
             return None
         ema = ShardedEma(self.engine, c.ema_decay, c.ema_warmup)
@@ -175,12 +157,14 @@ class Trainer:
                 log.warning("train.ema_decay: checkpoint %s holds no EMA; the EMA starts from its weights", source)
         return ema
 
-    def make_model(self, pretrained: str | None, ema: bool = False) -> VisionTransformer:
+    def make_model(self, init_from: str | None, ema: bool = False) -> VisionTransformer:
         """The configured model on every rank (ZeRO-3: partitioned), with its training options."""
         config = self.config
-        model = build_model(config.model, device=self.device, ds_config=self.ds_config,
-                            zero3=config.deepspeed.zero_stage == 3, pretrained=pretrained,
-                            reset_head=config.finetune.reset_head, ema=ema)
+        weights = pretrained(init_from, config.model, reset_head=config.finetune.reset_head, ema=ema) \
+            if init_from else None
+        model = build_model(config.model, device=self.device, ds_config=self.plan.deepspeed,
+                            zero3=config.deepspeed.zero_stage == 3, weights=weights)
+        model.separate_heads = model.distilled  # validation scores each head besides their average
         if config.finetune.freeze_backbone:
             model.freeze_backbone()
         if config.deepspeed.activation_checkpointing:
@@ -190,10 +174,7 @@ class Trainer:
         return model
 
     def build_loader(self) -> TrainLoader:
-        c, env = self.config, self.env
-        shards = resolve_shards(c.data.train_shards)
-        if len(shards.urls) < stream_count(env.world_size, c.data.num_workers) and self.is_main:
-            log.info("data.train_shards: %s", shards_for_streams(len(shards.urls), env.world_size, c.data.num_workers))
+        c, env, plan = self.config, self.env, self.plan
         if c.data.decode == "gpu":
             transform = DeviceTrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip)
             if self.device.type != "cuda" and self.is_main:
@@ -202,17 +183,13 @@ class Trainer:
         else:
             transform = TrainTransform(c.model.image_size, c.data.crop_scale, c.data.crop_ratio, c.data.hflip,
                                        c.data.randaugment)
-        micro = c.micro_batch(env.world_size)
-        if micro != c.train.micro_batch_size and self.is_main:
-            log.info("train.micro_batch_size %d -> %d: the per-rank batch is %d at %d ranks", c.train.micro_batch_size,
-                     micro, c.train.global_batch_size // env.world_size, env.world_size)
-        stream = TrainStream(shards, transform, batch_size=micro, seed=c.run.seed, rank=env.rank,
+        stream = TrainStream(plan.train_shards, transform, batch_size=plan.micro_batch, seed=c.run.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=c.data.num_workers,
-                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=c.data.shuffle_buffer,
+                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=plan.shuffle_buffer,
                              num_classes=c.model.num_classes)
         if isinstance(c.data.shuffle_buffer, ByteSize) and self.is_main:
             log.info("data.shuffle_buffer %s bytes = %d samples per worker at %.1f kB a sample (the manifest's mean)",
-                     f"{int(c.data.shuffle_buffer):,}", stream.shuffle_buffer, shards.sample_bytes / 1e3)
+                     f"{int(c.data.shuffle_buffer):,}", plan.shuffle_buffer, plan.train_shards.sample_bytes / 1e3)
         return TrainLoader(stream, pin_memory=self.device.type == "cuda")
 
     def start_tracking(self, run_id: str | None):
@@ -235,20 +212,22 @@ class Trainer:
             tracker.log_datasets(list(datasets.values()))
             tracker.model_dataset = datasets.get("evaluation")  # what checkpoints' val/* metrics measure
             tracker.log_params(c.flat())
+            if self.teacher_identity is not None:  # the teacher, and the run that trained it when it is ours
+                tracker.set_tags({f"distill.teacher_{k}": str(v) for k, v in self.teacher_identity.items() if v})
             tracker.log_text(c.to_yaml(), "config.yaml")
-            tracker.log_text(json.dumps(self.ds_config, indent=2), "deepspeed.json")
+            tracker.log_text(json.dumps(self.plan.deepspeed, indent=2), "deepspeed.json")
             tracker.log_text(json.dumps(self.placements, indent=1), "ranks.json")
         return tracker, system_metrics
 
     # -- training -----------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[dict], meter: Meter) -> bool:
+    def train_step(self, batches: Iterator[TrainBatch], meter: Meter) -> bool:
         """One optimizer step over the accumulation micro-batches, queued without a read from the
         device: loss and accuracy add up on the device (:class:`Meter`), and the ranks' agreement
-        on a signal or a non-finite loss is read one step late (:class:`StepAgreement`).
+        on a signal or a non-finite loss is read one step late (:class:`StopAgreement`).
         Returns whether to stop, as all ranks agreed."""
         c = self.config
-        lr = lr_at(self.step, c.optim, self.total_steps, self.peak_lr)
+        lr = lr_at(self.step, c.optim, self.plan.total_steps, self.peak_lr)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         nonfinite = torch.zeros((), device=self.device)
@@ -260,48 +239,38 @@ class Trainer:
             targets = labels
             if self.mixer is not None:
                 images, targets = self.mixer(images, labels)
-            logits = self.engine(images.to(self.dtype)).float()
-            loss = F.cross_entropy(logits, targets, label_smoothing=c.data.label_smoothing)
+            teacher_logits = self.teacher(images) if self.teacher is not None else None
+            outputs = self.engine(images.to(self.plan.dtype))
+            outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
+            loss, label_term, distill_term = distillation_loss(outputs, targets, teacher_logits, c.distill,
+                                                               c.data.label_smoothing)
+            logits = sum(outputs) / 2 if isinstance(outputs, tuple) else outputs  # what evaluation scores
             # A non-finite loss gives non-finite gradients: DeepSpeed skips that optimizer step
             # (bf16.check_grad_overflow), on every rank, since the gradients are reduced.
             self.engine.backward(loss)
             self.engine.step()
             nonfinite += ~torch.isfinite(loss.detach())
-            meter.add(loss.detach(), logits.detach().argmax(-1) == labels, len(labels))
+            meter.add(loss.detach(), logits.detach().argmax(-1) == labels, len(labels),
+                      torch.stack([label_term.detach(), distill_term.detach()]))
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
         self.lr = lr
-        previous = self.agreement.collect()
-        self.agreement.post(self.step, signals.received() is not None, nonfinite)
-        return self.act_on(previous)
+        return self.stops.post(self.step, nonfinite)
 
-    def settle(self) -> bool:
-        """Read the agreement on the step just taken (before a checkpoint or at the end), so a
-        checkpoint never holds a step past the allowed non-finite ones."""
-        return self.act_on(self.agreement.collect())
-
-    def act_on(self, agreed: tuple[int, bool, bool] | None) -> bool:
-        if agreed is None:
-            return False
-        step, stop, nonfinite = agreed
-        if nonfinite:
-            self.bad_steps += 1
-            limit = self.config.train.max_bad_steps
-            if self.bad_steps > limit:
-                raise NonFiniteLoss(f"non-finite loss at step {step} (on at least one rank); the last checkpoint is "
-                                    f"intact. train.max_bad_steps={limit} allows skipping some")
-            log.warning("non-finite loss at step %d: its update was skipped (%d of %d allowed)", step,
-                        self.bad_steps, limit)
+    def checkpoint(self) -> bool:
+        """Settle the step just taken, then save it; whether the ranks agreed to stop."""
+        stop = self.stops.settle()
+        self.save()
         return stop
 
     def train(self) -> int:
         """Train to ``total_steps`` (or ``stop_at_step``, or a signal). Returns the exit status:
         0, or :data:`EXIT_PREEMPTED` after a signal-triggered save."""
-        cadence = Cadence.of(self.config.train, self.total_steps)
+        cadence = Cadence.of(self.config.train, self.plan.total_steps)
         batches = iter(self.loader)
         meter = Meter()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
                    unit="step", dynamic_ncols=True)
         postfix: dict[str, str] = {}
         status = 0
@@ -309,16 +278,14 @@ class Trainer:
             while not cadence.should_end(self.step):
                 stop = self.train_step(batches, meter)
                 bar.update(1)
-                save = stop or cadence.should_checkpoint(self.step)
-                if save:
-                    stop |= self.settle()
                 if cadence.should_log(self.step):
                     record = self.log_window(meter)
                     postfix.update(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                    img_s=f"{record['images_per_s']:.0f}")
                     bar.set_postfix(postfix)
-                if save:
-                    self.save()
+                saved = stop or cadence.should_checkpoint(self.step)
+                if saved:
+                    stop |= self.checkpoint()
                 if not stop and cadence.should_validate(self.step):
                     try:
                         record = self.validate(meter)
@@ -327,9 +294,8 @@ class Trainer:
                     except Preempted as e:
                         log.warning("validation at step %d stopped: %s", self.step, e)
                         stop = True  # every rank left the validation at the same batch
-                        if not save:
-                            self.settle()
-                            self.save()
+                        if not saved:
+                            self.checkpoint()
                 if stop:
                     log.warning("saved step %d after %s; exiting with %d for a requeue", self.step,
                                 signals.received() or "a signal on another rank", EXIT_PREEMPTED)
@@ -371,7 +337,7 @@ class Trainer:
 
     def _validate(self, prefix: str) -> dict:
         tally = Tally(self.config.model.num_classes, self.device)
-        run_eval(self.engine, self.eval_stream, tally, self.normalize, self.dtype, show=self.is_main, desc=prefix,
+        run_eval(self.engine, self.eval_stream, tally, self.normalize, self.plan.dtype, show=self.is_main, desc=prefix,
                  zero3=self.config.deepspeed.zero_stage == 3)
         tally.all_reduce(summary=True)
         tally.check_complete(self.eval_stream.num_samples)
@@ -380,13 +346,13 @@ class Trainer:
     def log_window(self, meter: Meter) -> dict:
         """Reduce the window's figures over ranks, write one metrics line, reset the window."""
         elapsed, wait_frac = meter.window()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device) if meter.sums is None else meter.sums
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device) if meter.sums is None else meter.sums
         host = torch.tensor([meter.count, self.loader.skipped + self.decoder.failed], dtype=torch.float64)
         sums = torch.cat([sums, host.to(self.device)])
         dist.all_reduce(sums)
-        loss_sum, correct, finite_steps, images, skipped = sums.tolist()
+        loss_sum, correct, finite_steps, label_sum, distill_sum, images, skipped = sums.tolist()
         images_per_s = images / elapsed
-        tflops = images_per_s / self.env.world_size * self.flops_per_image / 1e12
+        tflops = images_per_s / self.env.world_size * self.plan.flops_per_image / 1e12
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step,
@@ -403,6 +369,11 @@ class Trainer:
             "epoch": self.loader.batches * self.loader.stream.batch_size * self.env.world_size
             / self.loader.stream.samples_per_epoch,
         }
+        if self.teacher is not None:  # the loss's terms, and the teacher's work beside the student's MFU
+            finite_steps = max(finite_steps, 1)
+            record.update({"loss/label": label_sum / finite_steps, "loss/distill": distill_sum / finite_steps,
+                           "teacher_tflops_per_device": images_per_s / self.env.world_size
+                           * self.plan.teacher_flops_per_image / 1e12})
         self.metrics.write(record)
         meter.reset()
         return record
@@ -415,17 +386,19 @@ class Trainer:
         dist.all_gather_object(ranks, {"data": self.loader.state_dict(), "rng": rng_state()})
         return {
             "step": self.step,
-            "bad_steps": self.bad_steps,
+            "bad_steps": self.stops.bad_steps,
             "world_size": self.env.world_size,
             "ranks": ranks,
             "mlflow_run_id": self.tracker.run_id,
+            "teacher": self.teacher_identity,
             "config": self.config.to_yaml(),
             # Lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints too.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        check_same_teacher(state.get("teacher"), self.teacher_identity, self.plan.resume)
+        self.step, self.stops.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         ranks = state["ranks"]
         if state["world_size"] == self.env.world_size:
             self.loader.load_state_dict(ranks[self.env.rank]["data"])
@@ -438,7 +411,7 @@ class Trainer:
         """Save a checkpoint (collective); rank 0 logs it as an MLflow LoggedModel, and marks the
         ones pruned, through the tracker's queue."""
         path = self.checkpoints.save(self.engine, self.step, self.state_dict(), ckpt.model_signature(self.config),
-                                     extra=self.ema.save if self.ema is not None else None)
+                                     extra=self.ema.save if self.ema is not None else None, run_id=self.tracker.run_id)
         if self.is_main:
             self.tracker.log_checkpoint(self.step, path, ckpt.complete_checkpoints(self.checkpoints.directory))
         return path

@@ -23,7 +23,7 @@ def train_loader(spec, num_workers=0, batch_size=4, counts=None, **kw):
 
 
 def take(loader, n):
-    return [(b["images"].clone(), b["labels"].clone()) for b in itertools.islice(loader, n)]
+    return [(b.images.clone(), b.labels.clone()) for b in itertools.islice(loader, n)]
 
 
 @pytest.mark.parametrize("counted", [False, True], ids=["read-to-resume", "replay-handles"])
@@ -225,20 +225,20 @@ def test_eval_sees_every_sample_exactly_once(make_shards, world_size, num_worker
     spec, keys = make_shards([5, 1, 9])  # uneven, and fewer shards than ranks x workers
     per_rank, counts = eval_indices(spec, world_size, num_workers)
     assert len(set(counts)) == 1, f"ranks run different batch counts: {counts}"
-    seen = sorted(int(i) for batches in per_rank for b in batches for i in b["index"][b["mask"]])
+    seen = sorted(int(i) for batches in per_rank for b in batches for i in b.index[b.mask])
     assert seen == list(range(len(keys)))
     for batches in per_rank:
         for b in batches:
-            assert b["images"].shape == (4, 3, 16, 16) and (b["labels"][~b["mask"]] == -1).all()
-            torch.testing.assert_close(b["labels"][b["mask"]], b["index"][b["mask"]] % 10)
+            assert b.images.shape == (4, 3, 16, 16) and (b.labels[~b.mask] == -1).all()
+            torch.testing.assert_close(b.labels[b.mask], b.index[b.mask] % 10)
 
 
 def test_eval_masks_and_counts_bad_samples(make_shards):
     spec, keys = make_shards([6, 6], bad={1: "corrupt", 7: "nolabel"})
     per_rank, _ = eval_indices(spec, 2, 1)
     batches = [b for rank in per_rank for b in rank]
-    assert sum(int(b["skipped"]) for b in batches) == 2
-    assert sorted(int(i) for b in batches for i in b["index"][b["mask"]]) == [i for i in range(12) if i not in (1, 7)]
+    assert sum(int(b.skipped) for b in batches) == 2
+    assert sorted(int(i) for b in batches for i in b.index[b.mask]) == [i for i in range(12) if i not in (1, 7)]
 
 
 def test_eval_survives_a_truncated_shard(make_shards):
@@ -249,9 +249,9 @@ def test_eval_survives_a_truncated_shard(make_shards):
     shards = resolve_shards(spec)
     shards.counts = [10, 10]  # as a manifest written before the damage would say
     batches = list(eval_batches(EvalStream(shards, EvalTransform(16), batch_size=4, image_size=16)))
-    good = sum(int(b["mask"].sum()) for b in batches)
+    good = sum(int(b.mask.sum()) for b in batches)
     assert 10 <= good < 20
-    assert good + sum(int(b["skipped"]) for b in batches) == 20
+    assert good + sum(int(b.skipped) for b in batches) == 20
 
 
 def _eval_worker(rank, world_size, spec, out_dir):
@@ -262,10 +262,10 @@ def _eval_worker(rank, world_size, spec, out_dir):
                         num_workers=2, image_size=16)
     indices, batches = [], 0
     for batch in eval_batches(stream):
-        count = torch.tensor([int(batch["mask"].sum())])
+        count = torch.tensor([int(batch.mask.sum())])
         dist.all_reduce(count)  # a collective per batch, as a ZeRO-3 forward is: a mismatch would hang
         batches += 1
-        indices += batch["index"][batch["mask"]].tolist()
+        indices += batch.index[batch.mask].tolist()
     gathered = [None] * world_size
     dist.all_gather_object(gathered, (indices, batches))
     if rank == 0:
@@ -308,8 +308,8 @@ def test_labels_outside_the_classes_are_skipped_counted_and_named(make_shards, c
     assert "in shard '" in caplog.text
     shards = resolve_shards(spec)
     batches = list(eval_batches(EvalStream(shards, EvalTransform(16), batch_size=4, image_size=16, num_classes=8)))
-    assert sum(int(b["skipped"]) for b in batches) == 4  # indices 8, 9, 18, 19
-    assert all(int(b["labels"][b["mask"]].max()) < 8 for b in batches if b["mask"].any())
+    assert sum(int(b.skipped) for b in batches) == 4  # indices 8, 9, 18, 19
+    assert all(int(b.labels[b.mask].max()) < 8 for b in batches if b.mask.any())
 
 
 def _bytes_read() -> int:

@@ -226,21 +226,21 @@ def test_gpu_decode_equals_the_cpu_path_falls_back_and_counts_what_fails():
         produced.append(out)
         labels.append(i)
     decoder = BatchFinisher(16, "cpu")
-    images, got_labels = decoder({**stack_images(produced), "labels": torch.tensor(labels)})
+    images, got_labels = decoder(stack_images(produced, labels))
     torch.testing.assert_close(images, torch.stack(expected), rtol=0, atol=0)
     assert got_labels.tolist() == labels and decoder.failed == 0
     # The GPU's way (boxes resampled in float, then the batch rounded, flipped and placed at once):
     # the same images, within one level of the uint8 kernel's rounding.
-    batched, _ = BatchFinisher(16, "cpu", batched=True)({**stack_images(produced), "labels": torch.tensor(labels)})
+    batched, _ = BatchFinisher(16, "cpu", batched=True)(stack_images(produced, labels))
     assert (batched.int() - images.int()).abs().max() <= 1
 
     broken = JpegCrop(whole[:len(whole) // 2] + b"\xff\xd9", (0, 0, 8, 8), False)  # whole-looking, undecodable
-    batch = {**stack_images([produced[0], broken, produced[2]]), "labels": torch.tensor([5, 6, 7])}
+    batch = stack_images([produced[0], broken, produced[2]], [5, 6, 7])
     images, got_labels = decoder(batch)
     assert decoder.failed == 1 and got_labels.tolist() == [5, 5, 7]
     torch.testing.assert_close(images[1], images[0], rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="no image of a batch of 1"):
-        decoder({**stack_images([broken]), "labels": torch.tensor([1])})
+        decoder(stack_images([broken], [1]))
 
 
 def test_gpu_decode_refuses_randaugment():

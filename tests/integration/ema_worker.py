@@ -50,7 +50,7 @@ def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
         trainer.train_step(batches, meter)
         for name, p in params.items():  # collective: the full fp32 weights on every rank
             reference[name].lerp_(safe_get_full_fp32_param(p), 1.0 - decay_at(step, DECAY, True))
-    trainer.settle()
+    trainer.stops.settle()
 
     def module_weights() -> dict:
         with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):

@@ -2,9 +2,9 @@
 
 Configs are discovered with a glob, so a new one is covered without editing this file. A config
 with ``eval.checkpoint`` is an evaluation config (``launch/evaluate.py``); the others train. A
-fine-tune's ``finetune.init_from`` and an evaluation's ``eval.checkpoint`` name the run
-directory of another shipped config, which runs first. Only the model size (same patch size),
-the image size, data and output paths and the length are overridden; each config keeps its
+fine-tune's ``finetune.init_from``, an evaluation's ``eval.checkpoint`` and a student's
+``distill.teacher`` name the run directory of another shipped config, which runs first. Only the
+model size (same patch size), the image size, data and output paths and the length are overridden; each config keeps its
 ZeRO stage, precision, checkpointing, optimizer, schedule, layer decay, pre-logits and head reset.
 The data are scikit-learn's digits, sharded with make_shards.py's defaults (one training shard).
 """
@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from pipeline.config import CONFIG_DIR, load_config
+from pipeline.dryrun import dry_run
 from pipeline.model import parse_variant
 from pipeline.train.consolidate import consolidated_state_dict
 
@@ -58,10 +59,10 @@ def under(out: Path, path: str | None) -> str | None:
 
 
 def upstream(name: str) -> str | None:
-    """The shipped config whose run directory this one starts from."""
+    """The shipped config whose run directory this one starts from (or distills)."""
     config = load_config(name)
     source = config.eval.checkpoint if is_evaluation(config) else (
-        config.finetune.init_from if config.run.stage == "finetune" else None)
+        config.finetune.init_from if config.run.stage == "finetune" else config.distill.teacher)
     if source is None:
         return None
     for other in CONFIGS:
@@ -99,16 +100,21 @@ def chain(default_shards, tmp_path_factory):
                      *tiny_model(config)]
         if is_evaluation(config):
             overrides.append(f"eval.checkpoint={under(out, config.eval.checkpoint)}")
-            script = "launch/evaluate.py"
+            script, stage = "launch/evaluate.py", "evaluate"
         else:
             overrides += ["train.epochs=null", "train.total_samples=null", "train.total_steps=2",
                           "train.checkpoint_every=2", "train.log_every=1", "data.samples_per_epoch=null"]
             if config.run.stage == "finetune":
                 overrides.append(f"finetune.init_from={under(out, config.finetune.init_from)}")
-            script = "launch/train.py"
+            if config.distill.teacher:
+                overrides.append(f"distill.teacher={under(out, config.distill.teacher)}")
+            script, stage = "launch/train.py", "train"
+        # The plan the dry run prints for this job, resolved before the run (which then finds no checkpoint).
+        _, report, dry = dry_run(str(CONFIG_DIR / name), overrides, stage=stage, nodes=1, gpus_per_node=2)
         result = run_deepspeed(script, 2, "--config", str(CONFIG_DIR / name), *overrides, check=False, timeout=900)
         done[name] = {"returncode": result.returncode, "log": result.stdout + result.stderr, "config": config,
-                      "run_dir": Path(under(out, str(config.run.run_dir))), "parent": parent}
+                      "run_dir": Path(under(out, str(config.run.run_dir))), "parent": parent,
+                      "dry_plan": dry.summary(), "dry_report": report}
         return done[name]
 
     return run
@@ -119,6 +125,12 @@ def test_config_runs_through_its_stage(name, chain, default_shards):
     result = chain(name)
     assert result["returncode"] == 0, f"{name} failed:\n{result['log'][-6000:]}"
     config, run_dir, log = result["config"], result["run_dir"], result["log"]
+    # The run was built from the plan its dry run printed: the same figures, DeepSpeed configs and
+    # shard lists, on CPU ranks where the dry run assumes GPUs.
+    built = json.loads((run_dir / "plan.json").read_text())
+    assert built["job"].pop("device") == "cpu" and result["dry_plan"]["job"].pop("device") == "cuda"
+    assert built == result["dry_plan"], result["dry_report"]
+    assert built["problems"] == [] and built["job"]["world_size"] == 2
     if is_evaluation(config):
         report = json.loads((run_dir / "report.json").read_text())
         expected = json.loads((default_shards / "val.json").read_text())["num_samples"]
@@ -128,6 +140,9 @@ def test_config_runs_through_its_stage(name, chain, default_shards):
         return
     records = metrics(run_dir)
     assert sorted(records) == [1, 2] and all(math.isfinite(r["loss"]) for r in records.values())
+    if config.distill.type != "none":  # the teacher's term in the loss, the teacher's work beside the MFU
+        assert all(math.isfinite(r["loss/distill"]) and r["teacher_tflops_per_device"] > 0 for r in records.values())
+        assert f"{config.distill.type} distillation" in log and built["teacher"]["path"]
     if config.train.eval_every:  # the interval is longer than the tiny run: validated once, at the end
         assert sorted(metrics(run_dir, validation=True)) == [2]
     assert (run_dir / "checkpoints/step00000002/ema").is_dir() == (config.train.ema_decay is not None)

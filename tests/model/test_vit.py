@@ -5,6 +5,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from pipeline.config import load_config
 from pipeline.model import VARIANTS, create_vit, parse_variant, vit_from_config
+from pipeline.model.weights import timm_config
 
 
 def tiny(size: str, patch: int = 4, **overrides):
@@ -204,3 +205,52 @@ def test_compiled_blocks_share_two_graphs_with_stochastic_depth():
     grads = [(a.grad, b.grad) for a, b in zip(model.parameters(), eager.parameters())]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in grads)  # the same masks, eager or compiled
     torch._dynamo.reset()
+
+
+def test_distilled_model_matches_timm_deit_both_ways():
+    """DeiT's distillation token and second head, as timm's VisionTransformerDistilled names and
+    shapes them: weights go both ways under strict=True with equal logits; in training mode the
+    forward gives both heads, in eval mode their average."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    torch.manual_seed(0)
+    ours = create_vit("S/8", num_classes=7, image_size=32, embed_dim=64, depth=3, num_heads=4, mlp_dim=256,
+                      distilled=True)
+    theirs = VisionTransformerDistilled(**timm_config(ours)).eval()
+    assert ours.state_dict().keys() == theirs.state_dict().keys() and ours.num_prefix_tokens == 2
+    assert ours.pos_embed.shape == theirs.pos_embed.shape == (1, 2 + 16, 64)
+    state = {k: torch.randn_like(v) for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(state, strict=True)
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=1e-5, atol=1e-5)
+    theirs.set_distilled_training(True)
+    cls, dist = ours.train()(x)
+    theirs_cls, theirs_dist = theirs.train()(x)
+    torch.testing.assert_close((cls, dist), (theirs_cls, theirs_dist), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.eval()(x), (cls + dist) / 2, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(cls, dist)
+
+    ours.init_weights()  # and ours -> timm
+    assert torch.count_nonzero(ours.head_dist.weight) == 0 and 0.01 < ours.dist_token.std() < 0.03
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(theirs.eval()(x), ours.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_distilled_weights_at_a_higher_resolution_keep_both_prefix_tokens():
+    from pipeline.model.weights import adapt_state_dict
+
+    torch.manual_seed(0)
+    low = create_vit("mu/4", num_classes=10, image_size=16, distilled=True).init_weights()
+    high = create_vit("mu/4", num_classes=10, image_size=32, distilled=True)
+    state = adapt_state_dict(low.state_dict(), high)
+    assert state["pos_embed"].shape == (1, 2 + 64, 32)
+    torch.testing.assert_close(state["pos_embed"][:, :2], low.pos_embed[:, :2], rtol=0, atol=0)
+    high.load_state_dict(state, strict=True)
+    assert high.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    # An undistilled model's weights start a distilled one: the new token's position is the class token's.
+    plain = create_vit("mu/4", num_classes=10, image_size=16).init_weights()
+    state = adapt_state_dict(plain.state_dict(), high)
+    assert "dist_token" not in state and "head_dist.weight" not in state
+    torch.testing.assert_close(state["pos_embed"][:, 1], plain.pos_embed[:, 0], rtol=0, atol=0)
+    high.load_state_dict(state, strict=False)

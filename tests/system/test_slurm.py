@@ -55,12 +55,15 @@ def test_pipeline_submits_nothing_when_a_dry_run_fails(slurm_cluster, digits_sha
     before = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster, capture_output=True, text=True).stdout
     # 64 images do not split over 3 nodes x 2 ranks: the pretrain and fine-tune dry runs say so.
     resources = " ".join(RESOURCES).replace("--nodes=1", "--nodes=3")
-    result = subprocess.run([str(ROOT / "slurm/pipeline.sh"), *configs, "--", *overrides], cwd=tmp_path,
+    distill = ["--distill", str(ROOT / "configs/demo/distill.yaml")]  # a fourth stage, its teacher the fine-tune
+    result = subprocess.run([str(ROOT / "slurm/pipeline.sh"), *distill, *configs, "--", *overrides], cwd=tmp_path,
                             env=job_env(slurm_cluster, SBATCH_ARGS=resources), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "dry run of pretrain.sh at 3 node(s) x 2 ranks" in result.stdout
     assert "train.global_batch_size=64 does not split over 6 ranks" in result.stdout
+    assert "dry run: " + str(ROOT / "configs/demo/distill.yaml") in result.stdout
+    assert f"teacher     {tmp_path}/demo-finetune (written by the earlier stage" in result.stdout
     assert "nothing was submitted" in result.stderr
     after = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster, capture_output=True, text=True).stdout
     assert after == before

@@ -25,15 +25,17 @@ def _spawn(fn, *args) -> None:
 
 
 def _weights_worker(rank, port, good, out_dir):
-    from pipeline.train.consolidate import build_model
+    from pipeline.model import build_model
+    from pipeline.train.consolidate import pretrained
 
     init_local_group(rank, 2, port)
     torch.manual_seed(rank)  # fresh weights differ: only the broadcast can make them agree
     source = good if rank == 0 else "/nonexistent/rank1-never-reads.safetensors"
-    model = build_model(ModelConfig(**MODEL), pretrained=source)
+    model = build_model(ModelConfig(**MODEL), weights=pretrained(source, ModelConfig(**MODEL)))
     torch.save(model.state_dict(), Path(out_dir) / f"rank{rank}.pt")
     try:  # a failure on rank 0 reaches every rank, none waits for ever
-        build_model(ModelConfig(**MODEL), pretrained="/nonexistent/both.safetensors" if rank == 0 else good)
+        source = "/nonexistent/both.safetensors" if rank == 0 else good
+        build_model(ModelConfig(**MODEL), weights=pretrained(source, ModelConfig(**MODEL)))
         result = "no error"
     except Exception as e:  # noqa: BLE001
         result = f"{type(e).__name__}: {e}"
