@@ -3,10 +3,13 @@
 Layers; a module imports only from its own layer and those above it in this list:
 
 - ``errors``: user mistakes as exceptions;
-- ``model`` (the architecture and weights files) and ``data`` (shards, streams, decoding): torch
-  and their own libraries, no DeepSpeed, no MLflow;
+- ``model`` (the architecture, weights files, building it on every rank) and ``data`` (shards,
+  streams, decoding, typed batches): torch and their own libraries (DeepSpeed only for ZeRO-3's
+  partitioned construction), no MLflow;
 - ``config``: the typed config (it checks model variants against ``model``);
-- ``flops`` and ``plan`` (analytic sizes and speeds), ``tracking`` (MLflow, on rank 0);
-- ``train``: DeepSpeed, checkpoints, the EMA, the trainer and the evaluation library;
+- ``flops`` (analytic sizes and speeds), ``tracking`` (MLflow, on rank 0);
+- ``train``: the resolved run plan, DeepSpeed, checkpoints, the EMA, distillation, the trainer
+  and the evaluation library;
+- ``plan``: sizing a job against its run plan;
 - the stages and tools: ``evaluate``, ``dryrun``, ``serving``, ``cli``, which ``launch/`` calls.
 """

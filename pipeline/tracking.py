@@ -197,6 +197,12 @@ class Tracker:
         """Dataset inputs of the run (:func:`describe_shards`): the Dataset column of the UI."""
         self._put("inputs", datasets)
 
+    def log_teacher(self, identity: dict) -> None:
+        """A distillation's teacher: tags (path, digest, the run that trained it), and where that
+        run logged the teacher's checkpoint as a LoggedModel, that model as an input of this run
+        (the UI links the two)."""
+        self._put("teacher", identity)
+
     def log_checkpoint(self, step: int, path: Path, kept: list[Path]) -> None:
         """The checkpoint at ``path`` as an MLflow LoggedModel of this run (its step, the
         directory as an external location, the run's stage and pipeline tags); the ``val/*``
@@ -321,6 +327,8 @@ class Tracker:
             client.log_batch(run_id, metrics=batch)
         elif kind == "checkpoint":
             self._send_checkpoint(*payload)
+        elif kind == "teacher":
+            self._send_teacher(payload)
         elif kind == "model":
             self._send_model(*payload)
         elif kind == "text":
@@ -365,6 +373,21 @@ class Tracker:
         for model in models:
             if model.tags.get("checkpoint") not in kept:
                 client.set_logged_model_tags(model.model_id, {"checkpoint_state": "pruned"})
+
+    def _send_teacher(self, identity: dict) -> None:
+        from mlflow.entities import LoggedModelInput, RunTag
+
+        client, source = self._client, identity.get("mlflow_run_id")
+        client.log_batch(self.run_id, tags=[RunTag(f"distill.teacher_{k}", str(v)) for k, v in identity.items() if v])
+        if not source:
+            return
+        experiment = client.get_run(source).info.experiment_id
+        models = client.search_logged_models([experiment], filter_string=f"source_run_id = '{source}'")
+        step = Path(identity["path"]).name  # stepNNNNNNNN: one checkpoint of that run
+        found = next((m for m in models if Path(m.tags.get("checkpoint", "")).name == step), None)
+        if found is not None:
+            client.log_inputs(self.run_id, models=[LoggedModelInput(found.model_id)])
+            client.set_tag(self.run_id, "distill.teacher_model_id", found.model_id)
 
     def _send_model(self, path: str, metrics: dict[str, float], register: str | None) -> None:
         """Log, then register: a retry after a failed registration does not log the model again."""

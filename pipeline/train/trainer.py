@@ -213,7 +213,7 @@ class Trainer:
             tracker.model_dataset = datasets.get("evaluation")  # what checkpoints' val/* metrics measure
             tracker.log_params(c.flat())
             if self.teacher_identity is not None:  # the teacher, and the run that trained it when it is ours
-                tracker.set_tags({f"distill.teacher_{k}": str(v) for k, v in self.teacher_identity.items() if v})
+                tracker.log_teacher(self.teacher_identity)
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.plan.deepspeed, indent=2), "deepspeed.json")
             tracker.log_text(json.dumps(self.placements, indent=1), "ranks.json")

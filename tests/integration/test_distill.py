@@ -59,6 +59,19 @@ def test_the_student_learns_from_a_partitioned_teacher(distilled):
     # Validation scores the heads' average and each head.
     validation = metrics(out / "straight", validation=True)[6]
     assert {"val/top1", "val/top1_cls_head", "val/top1_dist_head"} <= set(validation)
+    # MLflow: the teacher's identity as tags, its checkpoint's LoggedModel an input of the student's run.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(marker["mlflow_run_id"])
+    teacher_marker = json.loads((out / "teacher/checkpoints/step00000008/complete.json").read_text())
+    assert run.data.tags["distill.teacher_mlflow_run_id"] == teacher_marker["mlflow_run_id"]
+    assert run.data.tags["distill.teacher_path"].endswith("teacher/checkpoints/step00000008")
+    assert len(run.data.tags["distill.teacher_digest"]) == 16
+    model = client.get_logged_model(run.data.tags["distill.teacher_model_id"])
+    assert model.source_run_id == teacher_marker["mlflow_run_id"] and model.name == "step00000008"
+    assert [m.model_id for m in run.inputs.model_inputs] == [model.model_id]
+    assert run.data.metrics["loss/distill"] > 0 and "loss/label" in run.data.metrics
 
 
 def test_resume_with_the_teacher_is_exact(distilled):
