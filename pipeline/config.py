@@ -293,6 +293,9 @@ class DistillConfig(Section):
     teacher_resolution: Literal["own", "student"] = Field(
         "own", description="'own': the teacher sees the student's batch resized on the device to its own "
         "image_size, as it was trained; 'student': it runs at the student's resolution, its pos_embed resampled.")
+    use_ema: bool = Field(
+        False, description="The teacher checkpoint's EMA weights (its run set train.ema_decay), as its evaluation "
+        "takes them (eval.use_ema).")
     partition: bool = Field(
         False, description="Partition the teacher's weights over the ranks with ZeRO-3 (gathered layer by layer "
         "in its forward) instead of a whole bf16 copy per rank.")

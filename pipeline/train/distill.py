@@ -82,17 +82,17 @@ def teacher_spec(config: Config, earlier: dict[Path, Config] | None = None) -> T
                        checkpoint, pending=stage is not None and not Path(d.teacher).exists())
 
 
-def teacher_identity(spec: TeacherSpec) -> dict:
+def teacher_identity(spec: TeacherSpec, ema: bool = False) -> dict:
     """What the student's checkpoints record of the teacher: its path, a digest (of a
-    checkpoint's completion marker, which names its step, time and model; of a weights file's
-    bytes) and, for a checkpoint of ours, the MLflow run that wrote it."""
+    checkpoint's completion marker, which names its step, time and model, and whether its EMA is
+    taken; of a weights file's bytes) and, for a checkpoint of ours, the MLflow run that wrote it."""
     if spec.checkpoint is not None:
-        marker = (spec.checkpoint / COMPLETE).read_bytes()
+        marker = (spec.checkpoint / COMPLETE).read_bytes() + (b"ema" if ema else b"")
         return {"path": str(spec.checkpoint.resolve()), "digest": hashlib.sha256(marker).hexdigest()[:16],
-                "mlflow_run_id": read_marker(spec.checkpoint).get("mlflow_run_id")}
+                "ema": ema, "mlflow_run_id": read_marker(spec.checkpoint).get("mlflow_run_id")}
     with open(spec.source, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
-    return {"path": str(Path(spec.source).resolve()), "digest": digest, "mlflow_run_id": None}
+    return {"path": str(Path(spec.source).resolve()), "digest": digest, "ema": False, "mlflow_run_id": None}
 
 
 def check_same_teacher(saved: dict | None, current: dict | None, checkpoint: Path) -> None:
@@ -115,11 +115,11 @@ def check_same_teacher(saved: dict | None, current: dict | None, checkpoint: Pat
 class Teacher:
     """The frozen teacher on this rank: ``teacher(images)`` -> fp32 logits, without gradients."""
 
-    def __init__(self, spec: TeacherSpec, device: torch.device, ds_config: dict | None):
+    def __init__(self, spec: TeacherSpec, device: torch.device, ds_config: dict | None, ema: bool = False):
         import deepspeed
 
         self.spec, self.dtype, self.size = spec, torch.bfloat16, spec.model.image_size
-        weights = pretrained(spec.path, spec.model, same_head=True)
+        weights = pretrained(spec.path, spec.model, same_head=True, ema=ema)
         with torch.random.fork_rng(devices=[]):  # building it leaves the student's RNG as it was
             model = build_model(spec.model, device=device, ds_config=ds_config, zero3=ds_config is not None,
                                 weights=weights)
@@ -146,11 +146,12 @@ def start_teacher(plan, device: torch.device, is_main: bool) -> tuple[Teacher | 
     spec = plan.teacher
     if spec is None:
         return None, None
-    identity = on_rank0(lambda: teacher_identity(spec), share=True)
-    teacher = Teacher(spec, device, plan.teacher_deepspeed)
+    ema = plan.config.distill.use_ema
+    identity = on_rank0(lambda: teacher_identity(spec, ema), share=True)
+    teacher = Teacher(spec, device, plan.teacher_deepspeed, ema)
     if is_main:
-        log.info("teacher: %s (%s at %d px, %s, digest %s), %s distillation, alpha %s", identity["path"],
-                 spec.model.variant, spec.model.image_size,
+        log.info("teacher: %s%s (%s at %d px, %s, digest %s), %s distillation, alpha %s", identity["path"],
+                 " (its EMA)" if ema else "", spec.model.variant, spec.model.image_size,
                  "ZeRO-3 partitioned" if plan.teacher_deepspeed else "a copy per rank", identity["digest"],
                  plan.config.distill.type, plan.config.distill.alpha)
     return teacher, identity

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pipeline.config import DistillConfig, load_config
 from pipeline.errors import MissingInput, WrongInput
-from pipeline.train.distill import check_same_teacher, distillation_loss, teacher_spec
+from pipeline.train.distill import check_same_teacher, distillation_loss, teacher_identity, teacher_spec
 
 
 def test_hard_distillation_trains_the_second_head_on_the_teachers_argmax():
@@ -53,6 +53,8 @@ def test_the_teacher_a_config_names(tmp_path):
     student = ["model.variant=mu/2", "model.distilled=true", "distill.type=hard"]
     spec = teacher_spec(load_config("demo/pretrain", [*student, f"distill.teacher={tmp_path}/teacher"]))
     assert spec.checkpoint == checkpoint and spec.model.variant == "pico/2" and spec.model.image_size == 8
+    weights, ema = teacher_identity(spec), teacher_identity(spec, ema=True)  # its EMA is another teacher
+    assert weights["path"] == str(checkpoint.resolve()) and weights["digest"] != ema["digest"]
     spec = teacher_spec(load_config("demo/pretrain", [*student, f"distill.teacher={tmp_path}/teacher",
                                                       "model.image_size=16", "distill.teacher_resolution=student"]))
     assert spec.model.image_size == 16  # its pos_embed resampled to the student's grid
