@@ -10,9 +10,19 @@ def test_deepspeed_launcher_and_torchrun(monkeypatch):
     assert not env.is_main
 
 
+EXPORTED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def unset(monkeypatch, *keys: str) -> None:
+    """Remove ``keys`` so that monkeypatch restores them as they were (absent, most often) after
+    discover() exports them: no later test's subprocess inherits this test's rank and master."""
+    for key in keys:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
 def test_srun_exports_what_torch_needs(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+    unset(monkeypatch, *EXPORTED)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "16")
     monkeypatch.setenv("SLURM_LOCALID", "5")
@@ -28,8 +38,7 @@ def test_srun_exports_what_torch_needs(monkeypatch):
 
 
 def test_single_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
-        monkeypatch.delenv(key, raising=False)
+    unset(monkeypatch, *EXPORTED, "SLURM_PROCID", "SLURM_NTASKS")
     env = discover()
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
 
