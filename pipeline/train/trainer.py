@@ -55,6 +55,7 @@ class Trainer:
     2. data: the training stream, and with ``train.eval_every`` the evaluation stream (none);
     3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
        and broadcast; ZeRO-3 partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets);
+       with ``distill``, the frozen teacher, built alike (its identity read on rank 0, a broadcast);
     4. state: the checkpoint loaded (every rank reads its partition), then the client state,
        and with ``train.ema_decay`` the EMA (each rank its own fragments; none);
     5. tracking: rank 0 starts or resumes the MLflow run, the others learn its id (a broadcast).
