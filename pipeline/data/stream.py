@@ -19,7 +19,6 @@ import bisect
 import itertools
 import logging
 import math
-import multiprocessing
 import random
 from functools import partial
 from typing import Callable, Iterator, NamedTuple
@@ -290,7 +289,6 @@ class TrainLoader:
             self.stream,
             batch_size=None,
             num_workers=self.num_workers,
-            multiprocessing_context=worker_context() if self.num_workers else None,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
@@ -434,24 +432,10 @@ class EvalStream(IterableDataset):
         return self._batch([], [], [], [], 0)
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where DataLoader workers start: a fork server, not a fork of the training process. That
-    process runs threads (the tracker's, tqdm's monitor, the queues' feeders, the process
-    group's), and a fork while one of them holds an interpreter lock leaves the child deadlocked
-    before it starts (seen under CPython 3.11: an evaluation loader forked while the previous
-    loader's feeder thread exited, its worker stuck in PyOS_AfterFork_Child). The server is
-    started once per process from a clean interpreter that imports torch and this module; each
-    worker is a fork of it."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", __name__])
-    return context
-
-
 def eval_batches(stream: EvalStream, pin_memory: bool = False) -> Iterator[EvalBatch]:
     """The rank's evaluation batches, padded with empty ones so every rank yields the same count;
     with ``pin_memory`` in page-locked memory, so the copies to a GPU overlap."""
     loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator(),
-                        multiprocessing_context=worker_context() if stream.num_workers else None,
                         pin_memory=pin_memory)
     count = 0
     for count, batch in enumerate(loader, start=1):
