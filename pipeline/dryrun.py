@@ -8,7 +8,6 @@ Every problem names the key to change and a value that works; warnings do not fa
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.flops import (
 )
 from pipeline.plan import (
     GB, Assumptions, data_host_memory, format_host_memory, plan, teacher_weight_bytes, usable_bytes,
+    with_sample_size,
 )
 from pipeline.tracking import tracking_uri
 from pipeline.train.checkpoint import checkpoint_dir, read_marker
@@ -142,17 +142,15 @@ def _check_train_memory(run_plan: RunPlan, shape: VitShape, micro: int, assume: 
                                                      flash=assume.flash_attention)
     if run_plan.teacher is not None:  # its forward's, before the student's are made
         activations = max(activations, micro * inference_bytes_per_image(VitShape.from_config(run_plan.teacher.model)))
-    usable = usable_bytes(assume)
+    total, usable = states + teacher + activations, usable_bytes(assume)
     with_teacher = f" + {teacher / GB:.1f} GB teacher weights" if run_plan.teacher is not None else ""
-    states += teacher
     report.add("memory", f"ZeRO-{ds.zero_stage}, checkpointing {'on' if ds.activation_checkpointing else 'off'}: "
-                         f"{(states - teacher) / GB:.1f} GB model states{with_teacher} + {activations / GB:.1f} GB "
-                         f"activations (micro-batch {micro}) = {(states + activations) / GB:.1f} GB of "
-                         f"{usable / GB:.1f} GB usable per GPU")
-    if states + activations > usable:
+                         f"{states / GB:.1f} GB model states{with_teacher} + {activations / GB:.1f} GB activations "
+                         f"(micro-batch {micro}) = {total / GB:.1f} GB of {usable / GB:.1f} GB usable per GPU")
+    if total > usable:
         rec = plan(run_plan, assume)["recommended"]
         report.problems.append(
-            f"memory: {(states + activations) / GB:.1f} GB per GPU does not fit {usable / GB:.1f} GB usable on a "
+            f"memory: {total / GB:.1f} GB per GPU does not fit {usable / GB:.1f} GB usable on a "
             f"{assume.gpu.upper()} ({assume.reserved_gb:.0f} GB reserved, {assume.margin:.0%} margin): launch/plan.py "
             f"recommends deepspeed.zero_stage={rec['zero_stage']} deepspeed.activation_checkpointing="
             f"{str(rec['activation_checkpointing']).lower()} train.micro_batch_size={rec['micro_batch_size']}")
@@ -198,8 +196,7 @@ def _check_train_streams(run_plan: RunPlan, report: Report) -> None:
 def _check_host_memory(config: Config, shards: ShardSet | None, micro: int, gpus_per_node: int,
                        assume: Assumptions, report: Report) -> None:
     """Host RAM of the data path per node, with the manifest's mean sample size when there is one."""
-    if shards is not None and shards.sample_bytes:
-        assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
+    assume = with_sample_size(assume, shards)
     memory = data_host_memory(config, gpus_per_node, micro, assume)
     report.add("host RAM", format_host_memory(memory))
     if memory["total_gb"] > assume.host_ram_gb / 2:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pydantic import ByteSize
 
 from pipeline.config import Config
-from pipeline.data.shards import stream_count
+from pipeline.data.shards import ShardSet, stream_count
 from pipeline.flops import (
     DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu,
     inference_weight_bytes, max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
@@ -56,9 +56,7 @@ def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
     config, nodes, gpus_per_node = run_plan.config, run_plan.job.nodes, run_plan.job.ranks_per_node
     shape = VitShape.from_config(config.model)
     gpus = run_plan.world_size
-    shards = run_plan.train_shards
-    if shards is not None and shards.sample_bytes:
-        assume = dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
+    assume = with_sample_size(assume, run_plan.train_shards)
     memory_gb, peak_tflops = GPUS[assume.gpu]
     gpu_bytes = usable_bytes(assume)
     per_gpu_batch = config.train.global_batch_size // gpus
@@ -115,6 +113,13 @@ def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
             config.train.micro_batch_size, max(per_gpu_batch, 1)), assume),
         "assumptions": asdict(assume),
     }
+
+
+def with_sample_size(assume: Assumptions, shards: ShardSet | None) -> Assumptions:
+    """``assume`` with the mean sample size of the shards' manifest, where it gives one."""
+    if shards is None or not shards.sample_bytes:
+        return assume
+    return dataclasses.replace(assume, sample_kb=shards.sample_bytes / 1e3)
 
 
 def teacher_weight_bytes(run_plan: RunPlan) -> float:

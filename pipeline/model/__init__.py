@@ -5,7 +5,7 @@ pipeline it imports only ``errors``."""
 
 from pipeline.model.build import build_model
 from pipeline.model.pos_embed import resample_pos_embed
-from pipeline.model.vit import VARIANTS, VisionTransformer, create_vit, parse_variant, vit_from_config
+from pipeline.model.vit import VARIANTS, VisionTransformer, create_vit, head_average, parse_variant, vit_from_config
 
-__all__ = ["VARIANTS", "VisionTransformer", "build_model", "create_vit", "parse_variant", "resample_pos_embed",
-           "vit_from_config"]
+__all__ = ["VARIANTS", "VisionTransformer", "build_model", "create_vit", "head_average", "parse_variant",
+           "resample_pos_embed", "vit_from_config"]

@@ -243,7 +243,7 @@ class VisionTransformer(nn.Module):
             if pre_logits:
                 return (x + x_dist) / 2
             x, x_dist = self.head(x), self.head_dist(x_dist)
-            return (x, x_dist) if self.training or self.separate_heads else (x + x_dist) / 2
+            return (x, x_dist) if self.training or self.separate_heads else head_average((x, x_dist))
         x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(dim=1)
         x = self.pre_logits(self.fc_norm(x))
         x = self.head_drop(x)
@@ -251,6 +251,12 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         return self.forward_head(self.forward_features(x))
+
+
+def head_average(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The logits a model is scored by: a distilled model's two heads averaged (DeiT, timm), else
+    its one head's."""
+    return (output[0] + output[1]) / 2 if isinstance(output, tuple) else output
 
 
 def _layer_norm(dim: int) -> nn.LayerNorm:

@@ -52,7 +52,8 @@ def teacher_spec(config: Config, earlier: dict[Path, Config] | None = None) -> T
     if d.type == "none":
         return None
     stage = (earlier or {}).get(Path(d.teacher).resolve())
-    if stage is not None and not Path(d.teacher).exists():
+    pending = stage is not None and not Path(d.teacher).exists()
+    if pending:
         model, checkpoint = stage.model, None
     elif str(d.teacher).endswith(".safetensors"):
         if not Path(d.teacher).is_file():
@@ -79,7 +80,7 @@ def teacher_spec(config: Config, earlier: dict[Path, Config] | None = None) -> T
     if d.teacher_resolution == "student":
         model = model.model_copy(update={"image_size": config.model.image_size})
     return TeacherSpec(d.teacher, model.model_copy(update={"drop_path_rate": 0.0, "dropout": 0.0, "compile": False}),
-                       checkpoint, pending=stage is not None and not Path(d.teacher).exists())
+                       checkpoint, pending)
 
 
 def teacher_identity(spec: TeacherSpec, ema: bool = False) -> dict:

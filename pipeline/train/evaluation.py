@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.model import build_model
 from pipeline.data import EvalStream, EvalTransform, Normalize, ShardSet, eval_batches
+from pipeline.model import build_model, head_average
 from pipeline.train import signals
 from pipeline.train.consolidate import pretrained
 from pipeline.train.distributed import DistEnv, StepAgreement
@@ -55,8 +55,8 @@ class Tally:
         if isinstance(output, tuple):
             self.heads = True
             heads = torch.stack([((h.argmax(-1) == labels).double() * weight).sum() for h in output])
-            output = (output[0].float() + output[1].float()) / 2
-        logits = output.float()
+            output = tuple(h.float() for h in output)
+        logits = head_average(output).float()
         probs = logits.softmax(-1)
         confidence, predicted = probs.max(-1)
         correct = (predicted == labels).double() * weight

@@ -39,11 +39,10 @@ class Meter:
         yield
         self.data_wait += time.perf_counter() - start
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, terms: torch.Tensor | None = None) -> None:
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, terms: torch.Tensor) -> None:
         """``loss``: the micro-batch's scalar loss; ``correct``: a boolean per image; ``terms``:
-        the loss's label and distillation terms (default: the loss and 0). No host read."""
+        the loss's label and distillation terms. No host read."""
         finite = torch.isfinite(loss)
-        terms = torch.stack([loss, torch.zeros_like(loss)]) if terms is None else terms
         sums = torch.cat([torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(),
                                        finite.double()]), torch.where(finite, terms, 0.0).double()])
         self.sums = sums if self.sums is None else self.sums + sums

@@ -51,7 +51,6 @@ class RunPlan:
     stage: str  # "train" or "evaluate"
     config: Config
     job: JobShape
-    precision: str  # deepspeed.precision: what the model computes in
     streams: int  # reader streams over the job: ranks x logical workers
     micro_batch: int | None = None  # train: images per rank per forward pass
     accumulation: int | None = None  # train: micro-batches per optimizer step
@@ -67,6 +66,11 @@ class RunPlan:
     teacher_deepspeed: dict | None = None  # distill.partition: the partitioned teacher's DeepSpeed config
     teacher_flops_per_image: float | None = None  # its forward FLOPs an image (beside the student's, not in MFU)
     problems: list[UserError] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        """``deepspeed.precision``: what the model computes in."""
+        return self.config.deepspeed.precision
 
     @property
     def dtype(self) -> torch.dtype:
@@ -98,7 +102,6 @@ class RunPlan:
             "teacher_deepspeed": self.teacher_deepspeed, "teacher_flops_per_image": self.teacher_flops_per_image,
             "problems": [str(p) for p in self.problems],
         }
-
 
     def write(self, run_dir: Path) -> None:
         """``run_dir/plan.json``: what the stage was built from (rank 0 writes it)."""
@@ -143,7 +146,7 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
             return None
 
     world = job.world_size
-    plan = RunPlan(stage, c, job, c.deepspeed.precision, stream_count(world, c.data.num_workers), problems=problems)
+    plan = RunPlan(stage, c, job, stream_count(world, c.data.num_workers), problems=problems)
     if stage == "train":
         plan.flops_per_image = train_flops_per_image(VitShape.from_config(c.model))
         plan.micro_batch = attempt(c.micro_batch, world)

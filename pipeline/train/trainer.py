@@ -21,7 +21,7 @@ from pipeline.data import (
 from pipeline.data.shards import shards_for_streams
 from pipeline.data.transforms import DeviceTrainTransform
 from pipeline.flops import device_peak_tflops
-from pipeline.model import VisionTransformer, build_model
+from pipeline.model import VisionTransformer, build_model, head_average
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
@@ -245,7 +245,7 @@ class Trainer:
             outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
             loss, label_term, distill_term = distillation_loss(outputs, targets, teacher_logits, c.distill,
                                                                c.data.label_smoothing)
-            logits = sum(outputs) / 2 if isinstance(outputs, tuple) else outputs  # what evaluation scores
+            logits = head_average(outputs)  # what evaluation scores
             # A non-finite loss gives non-finite gradients: DeepSpeed skips that optimizer step
             # (bf16.check_grad_overflow), on every rank, since the gradients are reduced.
             self.engine.backward(loss)
