@@ -1,8 +1,11 @@
 import itertools
 import logging
 import os
+import signal
+from multiprocessing import forkserver
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -341,3 +344,23 @@ def test_eval_reads_each_shard_once_across_all_streams(make_shards, sizes, strea
     assert read < 1.15 * total, (read, total)
     if len(sizes) >= world_size * workers:  # whole shards: no stream starts inside a shard
         assert all(lo in set(itertools.accumulate(sizes, initial=0)) for r in stream.ranges for lo, _ in r)
+
+
+def test_workers_fork_from_the_server_and_outlive_the_schedulers_signals(make_shards):
+    # A worker forked from this (threaded) process can deadlock before it runs; a worker killed by
+    # the SIGUSR1 or SIGTERM that SLURM sends the whole step would take the trainer with it.
+    spec, _ = make_shards([10, 10, 10])
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    batches = iter(train_loader(spec, num_workers=2, samples_per_epoch=30))
+    next(batches)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # this process's mask is untouched
+    assert forkserver._forkserver._forkserver_pid is not None
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    workers = server.children()
+    assert len(workers) == 2
+    helpers = psutil.Process().children()  # the fork server and its resource tracker
+    for process in workers + helpers:
+        process.send_signal(signal.SIGUSR1)
+        process.send_signal(signal.SIGTERM)
+    assert len(list(itertools.islice(batches, 20))) == 20
+    assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers + helpers)
