@@ -32,7 +32,7 @@ from pipeline.data.batch import EvalBatch
 from pipeline.data.shards import ShardSet, is_seekable, logical_workers, shuffle_samples, stream_count
 from pipeline.data.tarindex import count_samples, shard_members, shard_samples
 from pipeline.data.transforms import stack_images
-from pipeline.data.workers import worker_context
+from pipeline.data.workers import worker_options
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -290,7 +290,7 @@ class TrainLoader:
             self.stream,
             batch_size=None,
             num_workers=self.num_workers,
-            multiprocessing_context=worker_context() if self.num_workers else None,
+            **worker_options(self.num_workers),
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers else None,
             persistent_workers=False,
@@ -438,8 +438,7 @@ def eval_batches(stream: EvalStream, pin_memory: bool = False) -> Iterator[EvalB
     """The rank's evaluation batches, padded with empty ones so every rank yields the same count;
     with ``pin_memory`` in page-locked memory, so the copies to a GPU overlap."""
     loader = DataLoader(stream, batch_size=None, num_workers=stream.num_workers, generator=torch.Generator(),
-                        multiprocessing_context=worker_context() if stream.num_workers else None,
-                        pin_memory=pin_memory)
+                        pin_memory=pin_memory, **worker_options(stream.num_workers))
     count = 0
     for count, batch in enumerate(loader, start=1):
         yield batch

@@ -2,6 +2,8 @@ import itertools
 import logging
 import os
 import signal
+import subprocess
+import sys
 from multiprocessing import forkserver
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pipeline.data import (
 )
 from pipeline.data.writer import index_shards
 from pipeline.train.distributed import free_port, init_local_group
+from tests.helpers import ROOT
 
 
 def train_loader(spec, num_workers=0, batch_size=4, counts=None, **kw):
@@ -348,19 +351,52 @@ def test_eval_reads_each_shard_once_across_all_streams(make_shards, sizes, strea
 
 def test_workers_fork_from_the_server_and_outlive_the_schedulers_signals(make_shards):
     # A worker forked from this (threaded) process can deadlock before it runs; a worker killed by
-    # the SIGUSR1 or SIGTERM that SLURM sends the whole step would take the trainer with it.
+    # the SIGUSR1 that SLURM sends the whole step would take the trainer with it.
     spec, _ = make_shards([10, 10, 10])
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     batches = iter(train_loader(spec, num_workers=2, samples_per_epoch=30))
     next(batches)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask  # this process's mask is untouched
     assert forkserver._forkserver._forkserver_pid is not None
-    server = psutil.Process(forkserver._forkserver._forkserver_pid)
-    workers = server.children()
+    workers = psutil.Process(forkserver._forkserver._forkserver_pid).children()
     assert len(workers) == 2
     helpers = psutil.Process().children()  # the fork server and its resource tracker
-    for process in workers + helpers:
-        process.send_signal(signal.SIGUSR1)
-        process.send_signal(signal.SIGTERM)
+    for worker in workers:
+        worker.send_signal(signal.SIGUSR1)
+    for helper in helpers:
+        helper.send_signal(signal.SIGUSR1)
+        helper.send_signal(signal.SIGTERM)
     assert len(list(itertools.islice(batches, 20))) == 20
     assert all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers + helpers)
+
+
+TRAINER = """
+import sys, time
+import psutil
+from multiprocessing import forkserver
+from tests.data.test_stream import train_loader
+batches = iter(train_loader(sys.argv[1], num_workers=2, samples_per_epoch=30))
+next(batches)
+print(*(p.pid for p in psutil.Process(forkserver._forkserver._forkserver_pid).children()), flush=True)
+if sys.argv[2] == "exit":
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_a_trainer_that_ends_with_its_loader_open_leaves_no_worker(make_shards, end):
+    # Exiting with a loader open (an error mid-epoch): multiprocessing joins the workers at exit,
+    # so they must take the SIGTERM it sends. Killed outright: the workers see it themselves.
+    spec, _ = make_shards([10, 10, 10])
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, spec, end], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        workers = [psutil.Process(int(pid)) for pid in trainer.stdout.readline().split()]
+        assert len(workers) == 2
+        if end == "kill":
+            trainer.kill()
+        assert trainer.wait(timeout=60) == (3 if end == "exit" else -signal.SIGKILL)
+    finally:
+        trainer.kill()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive

@@ -78,9 +78,9 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
                             str(ROOT / "configs/demo/pretrain.yaml"), *trained],
                            cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr
-    # One image per batch over the training split: long enough to be signalled mid-way.
+    # One image per batch (180 a rank): long enough to be signalled mid-way.
     overrides = [f"run.output_dir={tmp_path}", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"data.eval_shards={digits_shards}/train.json", "data.num_workers=1", "eval.micro_batch_size=1",
+                 f"data.eval_shards={digits_shards}/val.json", "data.num_workers=1", "eval.micro_batch_size=1",
                  f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=32"]
     job, log_path = submit(slurm_cluster, tmp_path, RESOURCES, "evaluate", "configs/demo/evaluate.yaml", overrides)
     deadline = time.time() + 600
@@ -91,8 +91,8 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
     assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
-    train = json.loads((digits_shards / "train.json").read_text())
-    assert report["num_samples"] + report["skipped"] == train["num_samples"]
+    val = json.loads((digits_shards / "val.json").read_text())
+    assert report["num_samples"] + report["skipped"] == val["num_samples"]
 
 
 def test_a_short_job_trains_before_its_signal(slurm_cluster, digits_shards, tmp_path):
