@@ -4,9 +4,9 @@ The trainer runs threads (the tracker's, tqdm's monitor, the queues' feeders, th
 group's). A fork while one of them holds an interpreter lock leaves the child deadlocked before
 it runs: seen under CPython 3.11, an evaluation worker stuck in ``PyOS_AfterFork_Child`` waiting
 on the thread-state lock an exiting feeder thread held at the fork, its rank waiting on it and
-the other rank timing out in the next collective (the demo, twice in one CI run). The fork server
-is started once per process from a clean interpreter (torch and the streams imported); every
-worker is a fork of that single-threaded process.
+the other rank timing out in the next collective (twice in one CI run: the demo, and the demo
+configs' chain). The fork server is started once per process from a clean interpreter (torch and
+the streams imported); every worker is a fork of that single-threaded process.
 
 Signals: a scheduler's signals (SLURM's ``--signal=USR1``, a preemption's or a time limit's
 SIGTERM) reach every process of the job step. The trainer acts on them; a worker must not die of
@@ -60,6 +60,7 @@ def _context() -> multiprocessing.context.BaseContext:
 
 
 def _start_worker(trainer: int, worker_id: int) -> None:
+    """A worker's first step (its ``worker_init_fn``): its signals, and its watch on ``trainer``."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SCHEDULER_SIGNALS)
     threading.Thread(target=_exit_with, args=(trainer,), name="trainer-watch", daemon=True).start()
