@@ -21,7 +21,7 @@ costs that phase alone, and a killed run keeps every figure gathered before the 
   launcher     make_shards, then the deepspeed launcher: data.decode=gpu, ZeRO-2, 20 steps, a
                checkpoint, then a resume
 
-    python benchmarks/gpu_first.py --results $OUT/gpu_first.jsonl          # on the GPU machine
+    python benchmarks/gpu_first.py --results gpu_first.jsonl          # on the GPU machine
     python benchmarks/gpu_first.py --device cpu --tiny --results r.jsonl   # the same code, tiny (make test)
     python benchmarks/gpu_first.py --record-reference                      # rewrite benchmarks/gpu_first/
 """

@@ -36,7 +36,7 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 # check_tracking CONFIG [key=value ...]: warn when a multi-node job would track to an sqlite file,
-# which sits on a network filesystem on most clusters (README: "Tracking on a cluster").
+# which sits on a network filesystem on most clusters (docs/tracking.md: "Tracking on a cluster").
 check_tracking() {
   [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] || return 0
   local uri
@@ -45,7 +45,7 @@ print(tracking_uri(load_config(sys.argv[1], sys.argv[2:]).run.tracking_uri))' "$
   case "$uri" in
     sqlite:*) echo "warning: $SLURM_JOB_NUM_NODES nodes track to $uri: sqlite on a network filesystem can corrupt" \
                    "under a concurrent reader; run an mlflow server and export MLFLOW_TRACKING_URI=http://HOST:5000" \
-                   "(README: Tracking on a cluster)" ;;
+                   "(docs/tracking.md: Tracking on a cluster)" ;;
   esac
 }
 

@@ -16,7 +16,7 @@
 #
 # Evaluation: sbatch slurm/evaluate.sh [CONFIG] [key=value ...]   (default CONFIG: vit_h14_eval.yaml)
 # Run sbatch from the repository root. Override the resources on the sbatch line, e.g.
-#   sbatch --nodes=8 slurm/evaluate.sh vit_l16.yaml optim.lr=5e-4
+#   sbatch --nodes=1 slurm/evaluate.sh vit_l16_eval.yaml eval.use_ema=false
 set -uo pipefail
 source "${VIT_PIPELINE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 run_stage evaluate.py vit_h14_eval.yaml "$@"

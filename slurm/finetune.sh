@@ -16,7 +16,7 @@
 #
 # High-resolution fine-tuning: sbatch slurm/finetune.sh [CONFIG] [key=value ...]   (default CONFIG: vit_h14_ft448.yaml)
 # Run sbatch from the repository root. Override the resources on the sbatch line, e.g.
-#   sbatch --nodes=8 slurm/finetune.sh vit_l16.yaml optim.lr=5e-4
+#   sbatch --nodes=8 slurm/finetune.sh vit_l16_ft384.yaml optim.lr=5e-5
 set -uo pipefail
 source "${VIT_PIPELINE_ROOT:-$SLURM_SUBMIT_DIR}/slurm/common.sh"
 run_stage train.py vit_h14_ft448.yaml "$@"

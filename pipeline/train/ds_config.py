@@ -64,7 +64,7 @@ def build_deepspeed_config(config: Config, world_size: int, *, load_universal: b
         # steps against train.max_bad_steps.
         "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
         # fp32 accumulation: ZeRO-1 takes DeepSpeed's BF16 optimizer, ZeRO-2/3 accumulate their
-        # gradient partitions in fp32 (README: "bf16 numerics").
+        # gradient partitions in fp32 (docs/training.md: "bf16 numerics").
         "data_types": {"grad_accum_dtype": ds.accumulation_dtype},
         "communication_data_type": ds.reduce_dtype,
         "zero_optimization": zero,
