@@ -9,6 +9,7 @@ Every problem names the key to change and a value that works; warnings do not fa
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pipeline.tracking import tracking_uri
 from pipeline.train.checkpoint import checkpoint_dir, read_marker
 from pipeline.train.run_plan import JobShape, RunPlan, earlier_runs, resolve
 
+SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
                        "fuse.glusterfs", "fuse.sshfs", "9p", "weka", "wekafs")
 
@@ -97,6 +99,7 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
             _check_link(config, "finetune.init_from", config.finetune.init_from, earlier, report)
         else:
             report.add("starts from", "fresh weights (run.stage: pretrain)")
+        _check_slurm_script(run_plan, SLURM_DIR / f"{config.run.stage}.sh", assume, report)
     else:
         _check_eval_memory(config, shape, run_plan.world_size, assume, report)
         _report_shards(run_plan.eval_shards, "eval data", report)
@@ -104,6 +107,7 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
             _check_eval_streams(run_plan, report)
         key = "--checkpoint" if checkpoint else "eval.checkpoint"
         _check_link(config, key, checkpoint or config.eval.checkpoint, earlier, report, same_head=True)
+        _check_slurm_script(run_plan, SLURM_DIR / "evaluate.sh", assume, report)
     _check_tracking(config, nodes, report)
     return not report.problems, report.render(title), run_plan
 
@@ -217,6 +221,53 @@ def _check_eval_streams(run_plan: RunPlan, report: Report) -> None:
         report.warnings.append(f"{len(shards.urls)} remote eval shards for {streams} streams: "
                                f"{streams - len(shards.urls)} streams will have nothing to read")
     report.add("streams", f"{streams:,} streams ({world} ranks x {streams // world} workers), {how}")
+
+
+# -- the SLURM script of the stage ---------------------------------------------------------------
+
+
+def sbatch_options(script: Path) -> dict[str, str]:
+    """The ``#SBATCH --key=value`` lines of ``script`` ({} where it is not there)."""
+    if not script.exists():
+        return {}
+    found = re.findall(r"^#SBATCH\s+--([a-z-]+)=(\S+)", script.read_text(), re.MULTILINE)
+    return dict(found)
+
+
+def slurm_seconds(limit: str) -> int:
+    """SLURM's --time formats in seconds: minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds."""
+    days, _, clock = limit.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days or len(parts) == 3:
+        hours, minutes, seconds = parts + [0] * (3 - len(parts))
+    else:
+        hours, (minutes, seconds) = 0, (parts + [0])[:2]
+    return ((int(days or 0) * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def _check_slurm_script(run_plan: RunPlan, script: Path, assume: Assumptions, report: Report) -> None:
+    """The planner's wall time against the stage script's --time, and the data workers against its
+    --cpus-per-task (the SLURM scripts request these unless the sbatch line overrides them)."""
+    options = sbatch_options(script)
+    if not options:
+        return
+    name, config = f"slurm/{script.name}", run_plan.config
+    if "time" in options and run_plan.total_steps and run_plan.micro_batch and run_plan.stage == "train":
+        hours = plan(run_plan, assume)["wall_clock_hours"]
+        limit_h = slurm_seconds(options["time"]) / 3600
+        report.add("wall time", f"{hours:,.1f} h predicted (planner, {assume.hfu:.0%} hardware FLOP utilisation) "
+                                f"against --time={options['time']} ({limit_h:,.1f} h) of {name}")
+        if hours > limit_h:
+            jobs = int(hours // limit_h) + 1
+            report.warnings.append(f"the planner predicts {hours:,.1f} h, over {name}'s --time={options['time']}: "
+                                   f"the job saves and requeues itself about {jobs - 1} time(s) (queue waits "
+                                   f"between); sbatch --time=... runs it in fewer")
+    cpus = int(options.get("cpus-per-task", 0))
+    if cpus and config.data.num_workers + 1 > cpus:
+        report.warnings.append(f"data.num_workers={config.data.num_workers} workers + the rank need "
+                               f"{config.data.num_workers + 1} CPUs, over {name}'s --cpus-per-task={cpus}: set "
+                               f"data.num_workers={cpus - 1}, or sbatch --cpus-per-task={config.data.num_workers + 1}")
 
 
 # -- stage links and tracking ---------------------------------------------------------------

@@ -154,3 +154,25 @@ def test_stage_links_follow_a_moved_output_dir(chain, imagenet, tmp_path):
         assert ok, report
         if index:
             assert "written by the earlier stage" in report and str(scratch) in report, report
+
+
+def test_the_wall_time_and_workers_are_checked_against_the_slurm_script(imagenet):
+    """The planner's wall time is printed against slurm/pretrain.sh's --time (a warning when the job
+    will have to requeue itself to finish), and workers + the rank against its --cpus-per-task."""
+    from pipeline.dryrun import SLURM_DIR, sbatch_options, slurm_seconds
+
+    options = sbatch_options(SLURM_DIR / "pretrain.sh")
+    assert options["time"] == "72:00:00" and options["cpus-per-task"] == "14"
+    assert [slurm_seconds(t) for t in ("90", "30:00", "72:00:00", "1-12", "2-00:30", "1-00:00:10")] == \
+        [5400, 1800, 259200, 129600, 174600, 86410]
+    data = moved_data("vit_h14.yaml", imagenet)
+    ok, report, _ = dry_run("vit_h14.yaml", data, stage="train", nodes=4, gpus_per_node=8)
+    assert ok and "wall time   33.9 h predicted" in report and "--time=72:00:00 (72.0 h) of slurm/pretrain.sh" in report
+    assert "requeues itself" not in report and "--cpus-per-task" not in report
+    ok, report, _ = dry_run("vit_h14.yaml", data + ["data.num_workers=14"], stage="train", nodes=1, gpus_per_node=8)
+    assert ok, report
+    assert "the planner predicts 100.9 h, over slurm/pretrain.sh's --time=72:00:00" in report
+    assert "data.num_workers=14 workers + the rank need 15 CPUs, over slurm/pretrain.sh's --cpus-per-task=14" in report
+    ok, report, _ = dry_run("vit_h14_eval.yaml", moved_data("vit_h14_eval.yaml", imagenet) + ["data.num_workers=20"],
+                            stage="evaluate", nodes=1, gpus_per_node=8, after=["vit_h14_ft448.yaml"])
+    assert ok and "over slurm/evaluate.sh's --cpus-per-task=14" in report, report
