@@ -28,7 +28,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.batch import EvalBatch
+from pipeline.data.batch import EvalBatch, TrainBatch
 from pipeline.data.shards import ShardSet, is_seekable, logical_workers, shuffle_samples, stream_count
 from pipeline.data.tarindex import count_samples, shard_members, shard_samples
 from pipeline.data.transforms import stack_images
@@ -230,7 +230,7 @@ class TrainStream(IterableDataset):
         """Whether a mid-epoch resume can replay the shuffle without reading: local shards, all counted."""
         return all(self.expected.get(u) is not None for u in self.urls) and all(map(is_seekable, self.urls))
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
         workers = info.num_workers if info else 1
         worker = ((info.id if info else 0) + self.rotation) % workers
@@ -282,7 +282,7 @@ class TrainLoader:
         """Micro-batches per epoch on this rank; independent of the worker count."""
         return self.stream.samples_per_epoch // (self.stream.batch_size * self.stream.world_size)
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         workers = logical_workers(self.num_workers)
         self.stream.rotation = self.batches % workers  # the next batch is logical worker (n % workers)'s
         self.stream.start = dict(self.positions)
@@ -398,7 +398,7 @@ class EvalStream(IterableDataset):
             for missing in range(index, stop):
                 yield missing, None
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         info = get_worker_info()
         lo, hi = self.ranges[self.rank][info.id if info else 0]
         size, batch = self.image_size, self.batch_size

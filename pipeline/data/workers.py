@@ -1,23 +1,14 @@
 """Where DataLoader workers start: a fork server, never a fork of the training process.
 
-The trainer runs threads (the tracker's, tqdm's monitor, the queues' feeders, the process
-group's). A fork while one of them holds an interpreter lock leaves the child deadlocked before
-it runs: seen under CPython 3.11, an evaluation worker stuck in ``PyOS_AfterFork_Child`` waiting
-on the thread-state lock an exiting feeder thread held at the fork, its rank waiting on it and
-the other rank timing out in the next collective (twice in one CI run: the demo, and the demo
-configs' chain). The fork server is started once per process from a clean interpreter (torch and
-the streams imported); every worker is a fork of that single-threaded process.
+The trainer runs threads (tracker, progress bar, queue feeders, process group); a fork while one
+of them holds an interpreter lock can deadlock the child before it runs (seen under CPython
+3.11). Every worker is a fork of one single-threaded server started per process, with torch and
+the streams imported.
 
-Signals: a scheduler's signals (SLURM's ``--signal=USR1``, a preemption's or a time limit's
-SIGTERM) reach every process of the job step. The trainer acts on them; a worker must not die of
-SIGUSR1, nor the server or its resource tracker of either. So those start with both blocked (a
-signal mask is inherited across fork and exec), and each worker ignores SIGUSR1 and takes SIGTERM
-as a forked worker did (torch's handler: it dies of one, so the trainer can stop it).
-
-A forked worker noticed its trainer's death by its parent changing; this one's parent is the
-server, which lives as long as any worker does. So each worker watches the trainer's process and
-exits when it has gone: a trainer killed outright, or exiting with a loader still open, leaves no
-worker behind (nor, then, the server).
+Signals: SLURM's USR1 and TERM reach every process of the job step. The server and its resource
+tracker start with both blocked; each worker ignores USR1 (the trainer acts on it) and dies of
+TERM, as a forked worker would. A worker's parent is the server, not the trainer, so each worker
+watches its trainer and exits when it has gone.
 """
 
 from __future__ import annotations
