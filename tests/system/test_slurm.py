@@ -19,25 +19,34 @@ pytestmark = pytest.mark.system
 RESOURCES = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
 
 
-def test_sbatch_pretrain(slurm_cluster, digits_shards, tmp_path):
-    (tmp_path / "logs").mkdir()  # sbatch opens --output before the script runs
+@pytest.fixture(scope="module")
+def sbatch_pretrain(slurm_cluster, digits_shards, tmp_path_factory):
+    """``sbatch --wait slurm/pretrain.sh``, 10 steps: the job's result and its folder (the
+    preempted evaluation evaluates its checkpoint)."""
+    out = tmp_path_factory.mktemp("sbatch-pretrain")
+    (out / "logs").mkdir()  # sbatch opens --output before the script runs
     result = subprocess.run(
         ["sbatch", "--wait", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
-         str(ROOT / "configs/demo/pretrain.yaml"), *demo_overrides(digits_shards, tmp_path, 10)],
-        cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
+         str(ROOT / "configs/demo/pretrain.yaml"), *demo_overrides(digits_shards, out, 10)],
+        cwd=out, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
+    return result, out
+
+
+def test_sbatch_pretrain(slurm_cluster, sbatch_pretrain):
+    result, out = sbatch_pretrain
     job_id = result.stdout.strip().split(";")[0]
-    logs = list((tmp_path / "logs").glob(f"vit-pretrain-{job_id}.out"))
+    logs = list((out / "logs").glob(f"vit-pretrain-{job_id}.out"))
     log_text = read_log(logs[0]) if logs else "(no log)"
     assert result.returncode == 0, f"{result.stderr}\n{log_text[-4000:]}"
     state = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster, capture_output=True,
                            text=True).stdout
     assert "JobState=COMPLETED" in state
     assert f"job {job_id}" in log_text and "2 ranks" in log_text
-    run_dir = tmp_path / "demo-pretrain"
+    run_dir = out / "demo-pretrain"
     assert (run_dir / "checkpoints/step00000010/complete.json").is_file()
     assert json.loads((run_dir / "checkpoints/step00000010/complete.json").read_text())["world_size"] == 2
     assert max(metrics(run_dir)) == 10
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("vit-pipeline-demo").experiment_id],
                               "tags.stage = 'pretrain'")
     assert len(runs) == 1 and runs[0].data.tags["slurm_job_id"] == job_id
@@ -69,19 +78,16 @@ def test_pipeline_submits_nothing_when_a_dry_run_fails(slurm_cluster, digits_sha
     assert after == before
 
 
-def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_shards, tmp_path):
+def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, sbatch_pretrain, digits_shards, tmp_path):
     """SIGUSR1 mid-evaluation: every rank stops at the same batch, the job exits 75 and is
     requeued, and the requeued job evaluates everything."""
     (tmp_path / "logs").mkdir()
-    trained = demo_overrides(digits_shards, tmp_path, 2)
-    train = subprocess.run(["sbatch", "--wait", "--parsable", *RESOURCES, str(ROOT / "slurm/pretrain.sh"),
-                            str(ROOT / "configs/demo/pretrain.yaml"), *trained],
-                           cwd=tmp_path, env=job_env(slurm_cluster), capture_output=True, text=True, timeout=600)
+    train, trained = sbatch_pretrain
     assert train.returncode == 0, train.stderr
     # One image per batch (180 a rank): long enough to be signalled mid-way.
     overrides = [f"run.output_dir={tmp_path}", f"run.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
                  f"data.eval_shards={digits_shards}/val.json", "data.num_workers=1", "eval.micro_batch_size=1",
-                 f"eval.checkpoint={tmp_path}/demo-pretrain", "model.image_size=32"]
+                 f"eval.checkpoint={trained}/demo-pretrain", "model.image_size=32"]
     job, log_path = submit(slurm_cluster, tmp_path, RESOURCES, "evaluate", "configs/demo/evaluate.yaml", overrides)
     deadline = time.time() + 600
     assert wait_for_log(log_path, "batch/s", deadline, poll=0.5), "evaluation did not start"
@@ -96,18 +102,18 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, digits_sha
 
 
 def test_a_short_job_trains_before_its_signal(slurm_cluster, digits_shards, tmp_path):
-    """sbatch --time=2: the signal comes 12 s before the limit (10% of it), not at once as a fixed
+    """sbatch --time=1: the signal comes 6 s before the limit (10% of it), not at once as a fixed
     USR1@600 would, so the job trains well past step 1 before its first save, exits 75 and is
     requeued (then cancelled here)."""
     (tmp_path / "logs").mkdir()
     overrides = demo_overrides(digits_shards, tmp_path, 100000) + ["train.checkpoint_every=100000"]
-    resources = [r if not r.startswith("--time") else "--time=2" for r in RESOURCES]
+    resources = [r if not r.startswith("--time") else "--time=1" for r in RESOURCES]
     job, log_path = submit(slurm_cluster, tmp_path, resources, "pretrain", "configs/demo/pretrain.yaml", overrides)
     wait_for_log(log_path, "requeueing job", time.time() + 300, poll=1)
     subprocess.run(["scancel", job], env=slurm_cluster, check=False)
     log_text = read_log(log_path) if log_path.exists() else "(no log)"
     assert "requeueing job" in log_text, log_text[-3000:]
-    assert "time limit 120 s" in log_text and "12 s before it" in log_text, log_text[-3000:]
+    assert "time limit 60 s" in log_text and "6 s before it" in log_text, log_text[-3000:]
     saved = sorted((tmp_path / "demo-pretrain/checkpoints").glob("step*"))
     assert saved, log_text[-3000:]
     assert int(saved[0].name.removeprefix("step")) > 1, f"first save at {saved[0].name}"
