@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 DEEPSPEED := $(VENV)/bin/deepspeed
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Dotted overrides for every demo stage, e.g. make demo DEMO_ARGS=run.seed=1
+DEMO_ARGS ?=
 
 .PHONY: help install lint test test-fast demo gpu-check wheels clean
 
@@ -32,11 +34,11 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 	$(PY) launch/make_shards.py --source digits --out data/digits --val-fraction 0.2 --max-count 200 --quiet
 	@export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 VIT_PIPELINE_ID=demo-$$(date +%Y%m%d-%H%M%S) && set -e && \
 	echo "== 1/3 pretrain: tiny ViT at 8 px, ZeRO-2, bf16, activation checkpointing, EMA, validated every 100 steps ($$VIT_PIPELINE_ID)" && \
-	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/pretrain.yaml && \
+	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/pretrain.yaml $(DEMO_ARGS) && \
 	echo "== 2/3 fine-tune at 16 px (pos_embed 4x4 -> 8x8), ZeRO-3, validated every 50 steps" && \
-	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/finetune.yaml && \
+	$(DEEPSPEED) --num_gpus 2 launch/train.py --config configs/demo/finetune.yaml $(DEMO_ARGS) && \
 	echo "== 3/3 evaluate on the held-out digits" && \
-	$(DEEPSPEED) --num_gpus 2 launch/evaluate.py --config configs/demo/evaluate.yaml
+	$(DEEPSPEED) --num_gpus 2 launch/evaluate.py --config configs/demo/evaluate.yaml $(DEMO_ARGS)
 	@$(PY) -c "import json; from pipeline.tracking import ui_url; r = json.load(open('runs/demo/demo-evaluate/report.json')); \
 	print(f\"\nDemo done: held-out top-1 {r['top1']:.4f} on {r['num_samples']} digits at 16 px, registered as vit-demo.\"); \
 	print('Review it:  $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000'); \

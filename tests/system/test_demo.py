@@ -94,7 +94,7 @@ def test_the_demo_registers_its_model_and_logs_its_checkpoints_as_models(demo):
     top1 = [{m.key: m.value for m in model.metrics}["val/top1"] for model in pretrain]
     assert top1 == sorted(top1, reverse=True)
     finetune = [m for m in models if m.source_run_id == runs["finetune"].info.run_id]
-    assert [m.params["step"] for m in finetune] == ["150"] and "val/top1" in {m.key for m in finetune[0].metrics}
+    assert [m.params["step"] for m in finetune] == ["300"] and "val/top1" in {m.key for m in finetune[0].metrics}
     evaluated = [m for m in models if m.source_run_id == runs["evaluate"].info.run_id]
     assert len(evaluated) == 1 and evaluated[0].model_type == "pyfunc"
     assert "?workflowType=machine_learning" in demo["output"]
