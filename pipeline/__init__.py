@@ -11,5 +11,6 @@ Layers; a module imports only from its own layer and those above it in this list
 - ``train``: the resolved run plan, DeepSpeed, checkpoints, the EMA, distillation, the trainer
   and the evaluation library;
 - ``plan``: sizing a job against its run plan;
-- the stages and tools: ``evaluate``, ``dryrun``, ``serving``, ``cli``, which ``launch/`` calls.
+- the stages and tools: ``evaluate``, ``dryrun``, ``serving``, ``cli``, which ``launch/`` calls,
+  and ``config_doc``, which writes docs/config.md.
 """

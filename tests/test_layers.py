@@ -15,7 +15,7 @@ LAYERS = [
     {"flops", "tracking"},
     {"train"},
     {"plan"},
-    {"evaluate", "dryrun", "serving", "cli"},
+    {"evaluate", "dryrun", "serving", "cli", "config_doc"},
 ]
 
 
