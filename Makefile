@@ -47,7 +47,8 @@ demo: install  ## pretrain -> fine-tune at 2x resolution -> evaluate on scikit-l
 gpu-check: install  ## on a GPU machine: benchmarks/gpu_first.py, every phase in 7 minutes, into gpu_first.jsonl
 	$(PY) benchmarks/gpu_first.py --results gpu_first.jsonl
 
-# What a GPU machine with torch but no registry lacks, as wheels for its Python (docs/gpu.md). WHEEL_PY=3.11 builds the same set for this machine's Python (the test does).
+# What a GPU machine with torch but no registry lacks, as wheels for its Python (docs/gpu.md).
+# WHEEL_PY=3.11 builds the same set for this machine's Python (the test does).
 WHEELS ?= .wheels
 WHEEL_PY ?= 3.12
 GPU_WHEELS := webdataset braceexpand pydantic pydantic-core typing-inspection annotated-types hjson simplejpeg
