@@ -259,10 +259,9 @@ def _check_slurm_script(run_plan: RunPlan, script: Path, assume: Assumptions, re
         report.add("wall time", f"{hours:,.1f} h predicted (planner, {assume.hfu:.0%} hardware FLOP utilisation) "
                                 f"against --time={options['time']} ({limit_h:,.1f} h) of {name}")
         if hours > limit_h:
-            jobs = int(hours // limit_h) + 1
             report.warnings.append(f"the planner predicts {hours:,.1f} h, over {name}'s --time={options['time']}: "
-                                   f"the job saves and requeues itself about {jobs - 1} time(s) (queue waits "
-                                   f"between); sbatch --time=... runs it in fewer")
+                                   f"the job saves and requeues itself about {int(hours // limit_h)} time(s) "
+                                   f"(queue waits between); sbatch --time=... runs it in fewer")
     cpus = int(options.get("cpus-per-task", 0))
     if cpus and config.data.num_workers + 1 > cpus:
         report.warnings.append(f"data.num_workers={config.data.num_workers} workers + the rank need "
