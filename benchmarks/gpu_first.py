@@ -207,7 +207,7 @@ def phase_correctness(args, work: Path) -> dict:
             "train.resume=never", "optim.warmup_steps=0", "optim.lr=3e-3"])
         device = torch.device(args.device)
         case = TrainerCase(config, env, [TrainBatch(b.images.to(device), b.labels.to(device)) for b in data])
-        out = [float(m.sums[0] / m.sums[2]) for m in (case.step() for _ in data)]
+        out = [m.mean() for m in (case.step() for _ in data)]
         case.close()
         return out
 

@@ -174,7 +174,7 @@ class TrainerCase:
 
     def step(self):
         """One optimizer step; returns its Meter (loss sums still on the device)."""
-        meter = Meter()
+        meter = Meter(self.trainer.objective.sums)
         self.trainer.train_step(self.data, meter)
         return meter
 
@@ -246,7 +246,7 @@ def compare_compile(env, work: Path, steps: int, stages: list[int]) -> dict:
                                     num_classes=10, lr=1e-3, drop_path=0.1)  # a loss that moves in 5 steps
             case = TrainerCase(config, env, batches(config, steps, seed=1 + env.rank, device=torch.device("cpu")))
             meters = [case.step() for _ in range(steps)]
-            losses[compiled] = [float(m.sums[0] / m.sums[2]) for m in meters]
+            losses[compiled] = [m.mean() for m in meters]
             counts = WATCH.counts() if compiled else {}
             case.close()
         worst = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(losses[False], losses[True]))
@@ -272,7 +272,7 @@ def compare_comm(env, work: Path, steps: int, stages: list[int]) -> dict:
                                     world=env.world_size, zero=zero, compile=False, checkpointing=False,
                                     num_classes=10, lr=3e-3, extra=extra + ("train.micro_batch_size=4",))
             case = TrainerCase(config, env, batches(config, 2 * steps, seed=7 + env.rank, device=torch.device("cpu")))
-            losses[name] = [float(m.sums[0] / m.sums[2]) for m in (case.step() for _ in range(steps))]
+            losses[name] = [m.mean() for m in (case.step() for _ in range(steps))]
             case.close()
         worst = max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(losses["plain"], losses["overlapped"]))
         results[f"zero{zero}"] = {**losses, "max_rel_diff": worst}

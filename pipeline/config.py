@@ -305,7 +305,32 @@ class DistillConfig(Section):
     tau: float = Field(1.0, gt=0.0, description="Temperature of soft distillation (DeiT soft: 3.0).")
 
 
+class MaeConfig(Section):
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0, description="objective=mae: share of each image's patches hidden "
+                              "from the encoder (He et al. 2021: 0.75).")
+    decoder_dim: int = Field(512, gt=0, description="Width of the MAE decoder (MAE's 512 for ViT-L/H).")
+    decoder_depth: int = Field(8, gt=0, description="Transformer blocks of the MAE decoder.")
+    decoder_heads: int = Field(16, gt=0, description="Attention heads of the MAE decoder.")
+    norm_pix_loss: bool = Field(
+        True, description="Reconstruct each patch's pixels normalised by its own mean and variance (MAE's default, "
+        "better representations).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MaeConfig":
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"mae.decoder_dim={self.decoder_dim} is not divisible by mae.decoder_heads="
+                             f"{self.decoder_heads}")
+        return self
+
+
+OBJECTIVES = ("classification", "distillation", "mae")
+
+
 class Config(Section):
+    objective: Literal[OBJECTIVES] = Field(
+        "classification", description="What training optimises (pipeline/train/objectives/): 'classification' on "
+        "the labels, 'distillation' from distill.teacher (the default where distill.type is set), 'mae' (masked "
+        "autoencoder, He et al. 2021) on images alone.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity and tracking.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The ViT.")
     data: DataConfig = Field(default_factory=DataConfig, description="Shards, decoding and augmentation.")
@@ -315,6 +340,17 @@ class Config(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="Fine-tuning source and options.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="A teacher to distill from.")
+    mae: MaeConfig = Field(default_factory=MaeConfig, description="objective=mae: masking and the decoder.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_of_distill(cls, data):
+        """A config that sets distill.type (and no objective) distils, as before objectives existed."""
+        if isinstance(data, dict) and "objective" not in data:
+            distill = data.get("distill")
+            if isinstance(distill, dict) and distill.get("type", "none") != "none":
+                data = {**data, "objective": "distillation"}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -324,6 +360,16 @@ class Config(Section):
             link = getattr(section, key)
             if link and OUTPUT_DIR in link:
                 setattr(section, key, link.replace(OUTPUT_DIR, self.run.output_dir))
+        distilling = self.distill.type != "none"
+        if (self.objective == "distillation") != distilling:
+            raise ValueError(f"objective={self.objective} with distill.type={self.distill.type}: distillation is "
+                             "objective=distillation with distill.type hard or soft (and distill.teacher)")
+        if self.objective == "mae" and (self.model.distilled or self.model.pre_logits):
+            raise ValueError("objective=mae trains an encoder without a head: set model.distilled=false and "
+                             "model.pre_logits=null")
+        if self.objective == "mae" and self.run.stage == "finetune":
+            raise ValueError("objective=mae with run.stage=finetune: MAE pretrains; fine-tune its run with "
+                             "objective=classification and finetune.init_from")
         if self.distill.type != "none" and not self.distill.teacher:
             raise ValueError(f"distill.type={self.distill.type} needs distill.teacher (a checkpoint directory or "
                              ".safetensors file)")

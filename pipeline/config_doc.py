@@ -88,9 +88,17 @@ def _cell(text: str) -> str:
 def render() -> str:
     """The whole page, as ``docs/config.md`` should hold it."""
     out = [HEADER]
+    top = {name: field for name, field in Config.model_fields.items()
+           if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))}
+    if top:
+        out += ["## Top level", "", "| key | type | default | description |", "|---|---|---|---|"]
+        out += [f"| `{name}` | {_cell(_type_name(field.annotation))} | {_cell(_default(field))} | "
+                f"{_cell(field.description or '')} |" for name, field in top.items()]
+        out.append("")
     for section, field in Config.model_fields.items():
         model = field.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel), section
+        if section in top:
+            continue
         out += [f"## `{section}`: {field.description}", "", "| key | type | default | description |",
                 "|---|---|---|---|"]
         for name, sub in model.model_fields.items():

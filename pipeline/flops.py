@@ -78,21 +78,40 @@ def param_count(shape: VitShape) -> int:
     return patch_embed + embeddings + shape.depth * block + 2 * d + pre_logits + head
 
 
+def blocks_macs(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
+    """Multiply-accumulates of ``depth`` transformer blocks over ``tokens`` tokens."""
+    n, d, m = tokens, width, mlp_dim
+    attention = n * d * 3 * d + 2 * n * n * d + n * d * d  # qkv, q @ k^T and attn @ v, proj
+    return depth * (attention + 2 * n * d * m)
+
+
 def forward_macs(shape: VitShape) -> int:
     """Multiply-accumulates of one image's forward pass."""
-    n, d, m = shape.num_tokens, shape.width, shape.mlp_dim
+    d = shape.width
     patch_embed = shape.num_patches * shape.in_chans * shape.patch_size**2 * d
-    attention = n * d * 3 * d + 2 * n * n * d + n * d * d  # qkv, q @ k^T and attn @ v, proj
-    mlp = 2 * n * d * m
     head_in = shape.pre_logits or d
     head = (d * shape.pre_logits if shape.pre_logits else 0) + head_in * shape.num_classes
-    return patch_embed + shape.depth * (attention + mlp) + head
+    return patch_embed + blocks_macs(shape.num_tokens, d, shape.mlp_dim, shape.depth) + head
 
 
 def train_flops_per_image(shape: VitShape, recompute: bool = False) -> int:
     """Model FLOPs of one training image: forward + backward (2 x forward) = 3 x forward; with
     ``recompute`` (activation checkpointing) the hardware does one more forward."""
     return 2 * forward_macs(shape) * (4 if recompute else 3)
+
+
+def mae_train_flops_per_image(shape: VitShape, mask_ratio: float, decoder_dim: int, decoder_depth: int) -> int:
+    """A masked autoencoder's training FLOPs of one image (3 x forward): the patch embedding of
+    every patch, the encoder over the visible patches and the class token, and the decoder
+    (embedding, blocks of width ``decoder_dim`` and MLP 4x, pixel prediction) over every token."""
+    visible = max(1, int(shape.num_patches * (1 - mask_ratio)))
+    prefix = int(shape.class_token)
+    d, p2c = shape.width, shape.patch_size**2 * shape.in_chans
+    encoder = shape.num_patches * p2c * d + blocks_macs(visible + prefix, d, shape.mlp_dim, shape.depth)
+    tokens = shape.num_tokens
+    decoder = (visible + prefix) * d * decoder_dim + blocks_macs(tokens, decoder_dim, 4 * decoder_dim, decoder_depth) \
+        + shape.num_patches * decoder_dim * p2c
+    return 2 * (encoder + decoder) * 3
 
 
 # ---------------------------------------------------------------------------------------------

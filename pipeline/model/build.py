@@ -14,16 +14,19 @@ from pipeline.model.vit import VisionTransformer, vit_from_config
 
 
 def build_model(model_config, *, device: torch.device | str = "cpu", ds_config: dict | None = None,
-                zero3: bool = False, weights: Callable[[], Mapping | None] | None = None) -> VisionTransformer:
+                zero3: bool = False, weights: Callable[[], Mapping | None] | None = None,
+                make: Callable[[], VisionTransformer] | None = None) -> VisionTransformer:
     """The configured ViT on every rank, initialised, then filled from ``weights()`` if given
     (``pipeline.train.consolidate.pretrained``: read on rank 0 only, None on the others). Under
     ZeRO-3 parameters are partitioned as each module is built and initialised one module at a
     time, gathered, so no rank holds the whole model; otherwise it is built directly on
-    ``device``. Seed the RNG alike on every rank first: fresh weights must agree."""
+    ``device``. ``make``: builds another module than ``model_config``'s ViT (a training
+    objective's, such as the masked autoencoder). Seed the RNG alike on every rank first: fresh
+    weights must agree."""
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else torch.device(device):
-        model = vit_from_config(model_config)
+        model = make() if make is not None else vit_from_config(model_config)
     for name, module in model.named_modules():
         params = list(module.parameters(recurse=False))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0, enabled=zero3 and bool(params)):

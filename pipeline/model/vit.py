@@ -215,18 +215,27 @@ class VisionTransformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (b, c, H, W) -> normalised tokens (b, prefix + n, d)."""
+    def forward_features(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (b, c, H, W) -> normalised tokens (b, prefix + n, d). ``keep`` (b, k): the
+        patches to run, by index, each with its position (MAE's visible patches, patch dropout);
+        the output then holds prefix + k tokens."""
         x = self.patch_embed(x)
         if x.shape[1] + self.num_prefix_tokens != self.pos_embed.shape[1]:
             raise ValueError(
                 f"input gives {x.shape[1]} patches but the model was built for {self.image_size}px "
                 f"({self.pos_embed.shape[1] - self.num_prefix_tokens} patches); resample pos_embed first"
             )
-        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token) if t is not None]
-        if prefix:
-            x = torch.cat([*prefix, x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
+        tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if keep is None:
+            prefix = [t.expand(x.shape[0], -1, -1) for t in tokens]
+            if prefix:
+                x = torch.cat([*prefix, x], dim=1)
+            x = self.pos_drop(x + self.pos_embed)
+        else:
+            x = x + self.pos_embed[:, self.num_prefix_tokens:]
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            prefix = [(t + self.pos_embed[:, i:i + 1]).expand(x.shape[0], -1, -1) for i, t in enumerate(tokens)]
+            x = self.pos_drop(torch.cat([*prefix, x], dim=1))
         every = self.grad_checkpointing_every
         for i, block in enumerate(self.blocks):
             if every and i % every == 0 and torch.is_grad_enabled():
@@ -263,7 +272,8 @@ def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, eps=1e-6)
 
 
-def create_vit(variant: str, *, num_classes: int, image_size: int, **overrides) -> VisionTransformer:
+def create_vit(variant: str, *, num_classes: int, image_size: int, model: type[VisionTransformer] = VisionTransformer,
+               **overrides) -> VisionTransformer:
     """Build a ViT from a variant string. ``overrides`` set any constructor argument, including
     the table's ``embed_dim``, ``depth``, ``num_heads`` and ``mlp_dim``. Weights are left as
     constructed: call ``init_weights()`` or load a state dict."""
@@ -271,14 +281,16 @@ def create_vit(variant: str, *, num_classes: int, image_size: int, **overrides) 
     width, depth, mlp_dim, heads = VARIANTS[size]
     kwargs = dict(embed_dim=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=patch)
     kwargs.update(overrides)
-    return VisionTransformer(num_classes=num_classes, image_size=image_size, **kwargs)
+    return model(num_classes=num_classes, image_size=image_size, **kwargs)
 
 
-def vit_from_config(model_config) -> VisionTransformer:
-    """Build the model a :class:`pipeline.config.ModelConfig` describes."""
+def vit_from_config(model_config, model: type[VisionTransformer] = VisionTransformer, **extra) -> VisionTransformer:
+    """Build the model a :class:`pipeline.config.ModelConfig` describes (``model`` a subclass,
+    with ``extra`` arguments of its own)."""
     c = model_config
     return create_vit(
         c.variant,
+        model=model,
         num_classes=c.num_classes,
         image_size=c.image_size,
         global_pool=c.global_pool,
@@ -289,4 +301,5 @@ def vit_from_config(model_config) -> VisionTransformer:
         drop_path_rate=c.drop_path_rate,
         dropout=c.dropout,
         distilled=c.distilled,
+        **extra,
     )

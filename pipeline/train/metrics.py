@@ -19,18 +19,17 @@ def max_memory_gb(device: torch.device) -> float:
 
 
 class Meter:
-    """Accumulates a log window: step time and data wait on the host; loss, accuracy and finite
-    micro-batches on the device, read only when the window is logged."""
+    """Accumulates a log window: step time and data wait on the host; the objective's named sums
+    (loss, finite micro-batches, ...) on the device, read only when the window is logged."""
 
-    def __init__(self):
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
         self.reset()
 
     def reset(self) -> None:
         self.start = time.perf_counter()
         self.data_wait = 0.0
-        # On the device, over finite micro-batches: loss, correct, finite micro-batches, and the
-        # loss's two terms (label, distillation)
-        self.sums = None
+        self.sums: torch.Tensor | None = None  # float64, in the order of ``names``
         self.count = 0  # images
 
     @contextmanager
@@ -39,14 +38,19 @@ class Meter:
         yield
         self.data_wait += time.perf_counter() - start
 
-    def add(self, loss: torch.Tensor, correct: torch.Tensor, images: int, terms: torch.Tensor) -> None:
-        """``loss``: the micro-batch's scalar loss; ``correct``: a boolean per image; ``terms``:
-        the loss's label and distillation terms. No host read."""
-        finite = torch.isfinite(loss)
-        sums = torch.cat([torch.stack([torch.where(finite, loss, 0.0).double(), correct.sum().double(),
-                                       finite.double()]), torch.where(finite, terms, 0.0).double()])
-        self.sums = sums if self.sums is None else self.sums + sums
+    def add(self, images: int, sums: dict[str, torch.Tensor]) -> None:
+        """A micro-batch of ``images`` and its named 0-d sums (every name of ``names``). No host read."""
+        step = torch.stack([sums[name].double() for name in self.names])
+        self.sums = step if self.sums is None else self.sums + step
         self.count += images
+
+    def totals(self, device: torch.device) -> torch.Tensor:
+        """The window's sums in the order of ``names`` (zeros for an empty window)."""
+        return torch.zeros(len(self.names), dtype=torch.float64, device=device) if self.sums is None else self.sums
+
+    def mean(self, name: str = "loss") -> float:
+        """The window's mean of ``name`` over its finite micro-batches (a host read)."""
+        return float(self.sums[self.names.index(name)] / self.sums[self.names.index("finite")])
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (a validation) out of the window's time."""

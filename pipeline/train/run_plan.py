@@ -18,7 +18,7 @@ import torch
 from pipeline.config import Config, load_config
 from pipeline.data.shards import ShardSet, check_exist, resolve_shards, shuffle_samples, stream_count
 from pipeline.errors import UserError, WrongInput
-from pipeline.flops import VitShape, forward_macs, train_flops_per_image
+from pipeline.flops import VitShape, forward_macs
 from pipeline.train.checkpoint import architecture, is_universal, read_marker, resolve_resume
 from pipeline.train.distill import TeacherSpec, teacher_spec
 from pipeline.train.ds_config import build_deepspeed_config, build_eval_deepspeed_config, compute_dtype
@@ -89,7 +89,8 @@ class RunPlan:
     def summary(self) -> dict:
         """The plan as JSON: what the dry run prints and the run writes to ``plan.json``."""
         return {
-            "stage": self.stage, "job": {"nodes": self.job.nodes, "ranks_per_node": self.job.ranks_per_node,
+            "stage": self.stage, "objective": self.config.objective,
+            "job": {"nodes": self.job.nodes, "ranks_per_node": self.job.ranks_per_node,
                                          "world_size": self.world_size, "device": self.job.device},
             "precision": self.precision, "streams": self.streams, "micro_batch": self.micro_batch,
             "accumulation": self.accumulation, "total_steps": self.total_steps,
@@ -148,7 +149,9 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
     world = job.world_size
     plan = RunPlan(stage, c, job, stream_count(world, c.data.num_workers), problems=problems)
     if stage == "train":
-        plan.flops_per_image = train_flops_per_image(VitShape.from_config(c.model))
+        from pipeline.train.objectives import objective_of  # they build on the plan's modules
+
+        plan.flops_per_image = objective_of(c).flops_per_image(c)
         plan.micro_batch = attempt(c.micro_batch, world)
         if plan.micro_batch is not None:
             plan.accumulation = c.grad_accumulation_steps(world)

@@ -15,23 +15,22 @@ from pydantic import ByteSize
 from tqdm import tqdm
 
 from pipeline.config import Config
-from pipeline.data import (
-    BatchFinisher, Normalize, TrainBatch, TrainLoader, TrainStream, TrainTransform, batch_mixer,
-)
+from pipeline.data import BatchFinisher, Normalize, TrainBatch, TrainLoader, TrainStream, TrainTransform
 from pipeline.data.shards import shards_for_streams
 from pipeline.data.transforms import DeviceTrainTransform
 from pipeline.flops import device_peak_tflops
-from pipeline.model import VisionTransformer, build_model, head_average
+from pipeline.model import VisionTransformer, build_model
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, start_system_metrics, tracking_uri
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import signals
 from pipeline.train.cadence import Cadence, StopAgreement
 from pipeline.train.consolidate import pretrained
-from pipeline.train.distill import check_same_teacher, distillation_loss, start_teacher
+from pipeline.train.distill import check_same_teacher
 from pipeline.train.distributed import DistEnv, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
-from pipeline.train.evaluation import Preempted, Tally, eval_stream, run_eval
+from pipeline.train.evaluation import Preempted, eval_stream
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
+from pipeline.train.objectives import objective_of
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
 from pipeline.train.rng import rng_state, seed_everything, set_rng_state
 from pipeline.train.run_plan import JobShape, RunPlan, resolve
@@ -79,9 +78,8 @@ class Trainer:
         self.eval_stream = eval_stream(config, env, self.plan.eval_shards) if config.train.eval_every else None
         self.decoder = BatchFinisher(config.model.image_size, self.device)
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
-        self.mixer = batch_mixer(config.data.mixup, config.data.cutmix, config.model.num_classes)
         self.engine = self.build_engine()
-        self.teacher, self.teacher_identity = start_teacher(self.plan, self.device, self.is_main)
+        self.objective = objective_of(config)(config, self.plan, self.device, self.is_main)
         self.peak_lr = peak_lr(config.optim, config.train.global_batch_size)
         self.peak_tflops = config.train.device_peak_tflops or (
             device_peak_tflops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None)
@@ -164,7 +162,8 @@ class Trainer:
         weights = pretrained(init_from, config.model, reset_head=config.finetune.reset_head, ema=ema) \
             if init_from else None
         model = build_model(config.model, device=self.device, ds_config=self.plan.deepspeed,
-                            zero3=config.deepspeed.zero_stage == 3, weights=weights)
+                            zero3=config.deepspeed.zero_stage == 3, weights=weights,
+                            make=lambda: objective_of(config).build(config))
         model.separate_heads = model.distilled  # validation scores each head besides their average
         if config.finetune.freeze_backbone:
             model.freeze_backbone()
@@ -213,8 +212,8 @@ class Trainer:
             tracker.log_datasets(list(datasets.values()))
             tracker.model_dataset = datasets.get("evaluation")  # what checkpoints' val/* metrics measure
             tracker.log_params(c.flat())
-            if self.teacher_identity is not None:  # the teacher, and the run that trained it when it is ours
-                tracker.log_teacher(self.teacher_identity)
+            if self.objective.teacher_identity is not None:  # the teacher, and the run that trained it when ours
+                tracker.log_teacher(self.objective.teacher_identity)
             tracker.log_text(c.to_yaml(), "config.yaml")
             tracker.log_text(json.dumps(self.plan.deepspeed, indent=2), "deepspeed.json")
             tracker.log_text(json.dumps(self.placements, indent=1), "ranks.json")
@@ -224,9 +223,9 @@ class Trainer:
 
     def train_step(self, batches: Iterator[TrainBatch], meter: Meter) -> bool:
         """One optimizer step over the accumulation micro-batches, queued without a read from the
-        device: loss and accuracy add up on the device (:class:`Meter`), and the ranks' agreement
-        on a signal or a non-finite loss is read one step late (:class:`StopAgreement`).
-        Returns whether to stop, as all ranks agreed."""
+        device: the objective's loss and sums add up on the device (:class:`Meter`), and the
+        ranks' agreement on a signal or a non-finite loss is read one step late
+        (:class:`StopAgreement`). Returns whether to stop, as all ranks agreed."""
         c = self.config
         lr = lr_at(self.step, c.optim, self.plan.total_steps, self.peak_lr)
         for group in self.engine.optimizer.param_groups:
@@ -236,23 +235,13 @@ class Trainer:
             with meter.timing_data():
                 batch = next(batches)
             images, labels = self.decoder(batch)
-            images = self.normalize(images)
-            targets = labels
-            if self.mixer is not None:
-                images, targets = self.mixer(images, labels)
-            teacher_logits = self.teacher(images) if self.teacher is not None else None
-            outputs = self.engine(images.to(self.plan.dtype))
-            outputs = tuple(o.float() for o in outputs) if isinstance(outputs, tuple) else outputs.float()
-            loss, label_term, distill_term = distillation_loss(outputs, targets, teacher_logits, c.distill,
-                                                               c.data.label_smoothing)
-            logits = head_average(outputs)  # what evaluation scores
+            loss, sums = self.objective.step(self.engine, self.normalize(images), labels)
             # A non-finite loss gives non-finite gradients: DeepSpeed skips that optimizer step
             # (bf16.check_grad_overflow), on every rank, since the gradients are reduced.
             self.engine.backward(loss)
             self.engine.step()
             nonfinite += ~torch.isfinite(loss.detach())
-            meter.add(loss.detach(), logits.detach().argmax(-1) == labels, len(labels),
-                      torch.stack([label_term.detach(), distill_term.detach()]))
+            meter.add(len(images), sums)
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.step)
@@ -270,7 +259,7 @@ class Trainer:
         0, or :data:`EXIT_PREEMPTED` after a signal-triggered save."""
         cadence = Cadence.of(self.config.train, self.plan.total_steps)
         batches = iter(self.loader)
-        meter = Meter()
+        meter = Meter(self.objective.sums)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, disable=not self.is_main, desc=self.config.run.name,
                    unit="step", dynamic_ncols=True)
         postfix: dict[str, str] = {}
@@ -309,8 +298,9 @@ class Trainer:
         return status
 
     def validate(self, meter: Meter) -> dict:
-        """Top-1, top-5 and loss over the evaluation stream, of the weights and of their EMA, as
-        ``val/*`` and ``val_ema/*`` (a metrics line and MLflow, at this step). Every rank runs
+        """What the objective measures over the evaluation stream (classification: top-1, top-5
+        and loss), of the weights and of their EMA, as ``val/*`` and ``val_ema/*`` (a metrics
+        line and MLflow, at this step). Every rank runs
         the stream's batches; the time it takes (``val/time_s``) is kept out of the training
         window's images/s, and the RNG is left as it was, so training goes on as without it.
         Compiled blocks run eagerly here: eval mode and no_grad would recompile them (eating into
@@ -322,10 +312,11 @@ class Trainer:
         self.engine.eval()
         try:
             with torch.compiler.set_stance("force_eager"):
-                record.update(self._validate("val"))
+                record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize, "val"))
                 if self.ema is not None:
                     with self.ema.swapped_in():
-                        record.update(self._validate("val_ema"))
+                        record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize,
+                                                              "val_ema"))
         finally:
             self.engine.train()
             set_rng_state(rng)
@@ -336,29 +327,19 @@ class Trainer:
             log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
         return record
 
-    def _validate(self, prefix: str) -> dict:
-        tally = Tally(self.config.model.num_classes, self.device)
-        run_eval(self.engine, self.eval_stream, tally, self.normalize, self.plan.dtype, show=self.is_main, desc=prefix,
-                 zero3=self.config.deepspeed.zero_stage == 3)
-        tally.all_reduce(summary=True)
-        tally.check_complete(self.eval_stream.num_samples)
-        return {f"{prefix}/{k}": v for k, v in tally.summary().items()}
-
     def log_window(self, meter: Meter) -> dict:
         """Reduce the window's figures over ranks, write one metrics line, reset the window."""
         elapsed, wait_frac = meter.window()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device) if meter.sums is None else meter.sums
         host = torch.tensor([meter.count, self.loader.skipped + self.decoder.failed], dtype=torch.float64)
-        sums = torch.cat([sums, host.to(self.device)])
+        sums = torch.cat([meter.totals(self.device), host.to(self.device)])
         dist.all_reduce(sums)
-        loss_sum, correct, finite_steps, label_sum, distill_sum, images, skipped = sums.tolist()
+        *totals, images, skipped = sums.tolist()
         images_per_s = images / elapsed
         tflops = images_per_s / self.env.world_size * self.plan.flops_per_image / 1e12
         grad_norm = self.engine.get_global_grad_norm()
         record = {
             "step": self.step,
-            "loss": loss_sum / finite_steps if finite_steps else float("nan"),
-            "accuracy": correct / max(images, 1),
+            **self.objective.record(dict(zip(meter.names, totals)), images, images_per_s / self.env.world_size),
             "lr": self.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_s": images_per_s,
@@ -370,11 +351,6 @@ class Trainer:
             "epoch": self.loader.batches * self.loader.stream.batch_size * self.env.world_size
             / self.loader.stream.samples_per_epoch,
         }
-        if self.teacher is not None:  # the loss's terms, and the teacher's work beside the student's MFU
-            finite_steps = max(finite_steps, 1)
-            record.update({"loss/label": label_sum / finite_steps, "loss/distill": distill_sum / finite_steps,
-                           "teacher_tflops_per_device": images_per_s / self.env.world_size
-                           * self.plan.teacher_flops_per_image / 1e12})
         self.metrics.write(record)
         meter.reset()
         return record
@@ -391,14 +367,14 @@ class Trainer:
             "world_size": self.env.world_size,
             "ranks": ranks,
             "mlflow_run_id": self.tracker.run_id,
-            "teacher": self.teacher_identity,
+            "teacher": self.objective.teacher_identity,
             "config": self.config.to_yaml(),
             # Lets DeepSpeed's ds_to_universal convert ZeRO-1/2 checkpoints too.
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
         }
 
     def load_state_dict(self, state: dict) -> None:
-        check_same_teacher(state.get("teacher"), self.teacher_identity, self.plan.resume)
+        check_same_teacher(state.get("teacher"), self.objective.teacher_identity, self.plan.resume)
         self.step, self.stops.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         ranks = state["ranks"]
         if state["world_size"] == self.env.world_size:

@@ -45,7 +45,7 @@ def check_stage(stage: int, shards: Path, out: Path, env) -> dict:
     trainer = Trainer(config, env)
     params = dict(trainer.engine.module.named_parameters())
     reference = {name: safe_get_full_fp32_param(p).clone() for name, p in params.items()}
-    batches, meter = iter(trainer.loader), Meter()
+    batches, meter = iter(trainer.loader), Meter(trainer.objective.sums)
     for step in range(1, STEPS + 1):
         trainer.train_step(batches, meter)
         for name, p in params.items():  # collective: the full fp32 weights on every rank
