@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Write WebDataset shards from digits, an image folder or a CSV list; check existing shards, or index them.
 
+    python launch/make_shards.py --source images:/data/crawl --out /data/crawl-shards --val-fraction 0   # no labels
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source synthetic:4000x256 --out data/synthetic   # GPU checks, benchmarks
     python launch/make_shards.py --source imagefolder:/data/raw/train --out /data/shards --max-side 512 --procs 32
@@ -27,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--source", help="digits | synthetic:N[xSIDE] (generated JPEGs) | imagefolder:PATH | "
-                                       "list:FILE.csv (path,label rows)")
+                                       "images:PATH (every image under PATH, unlabelled) | "
+                                       "list:FILE.csv (path,label rows, or path rows: unlabelled)")
     what.add_argument("--check", metavar="DIR", help="read every shard in DIR and report (preflight)")
     what.add_argument("--index", metavar="DIR", help="write DIR/{split}.json for shards made elsewhere, from tar "
                                                      "headers")
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-count", type=int, default=DEFAULT_MAX_COUNT,
                         help=f"samples per shard at most (default {DEFAULT_MAX_COUNT})")
     parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard at most (default 1e9)")
+    parser.add_argument("--unlabelled", action="store_true",
+                        help="write no labels (.cls): shards for an objective that needs none (objective=mae)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="keep this share of the train split (seeded), e.g. 0.1 for a fine-tune on 10%% of the "
+                        "labels; the val split stays whole (default 1)")
     parser.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this (JPEG q=90)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks that will read the shards: the shard count "
                         "that suits them is printed")
@@ -70,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = write_shards(
         open_source(args.source), args.out, val_fraction=args.val_fraction, seed=args.seed,
         max_count=args.max_count, max_bytes=args.max_bytes, max_side=args.max_side, progress=not args.quiet,
-        procs=args.procs,
+        procs=args.procs, unlabelled=args.unlabelled, train_fraction=args.train_fraction,
     )
     for split, manifest in manifests.items():
         skipped = f", {len(manifest['skipped'])} unreadable inputs skipped" if manifest["skipped"] else ""

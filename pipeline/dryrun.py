@@ -25,6 +25,7 @@ from pipeline.plan import (
 )
 from pipeline.tracking import tracking_uri
 from pipeline.train.checkpoint import checkpoint_dir, read_marker
+from pipeline.train.objectives import objective_of
 from pipeline.train.run_plan import JobShape, RunPlan, earlier_runs, resolve
 
 SLURM_DIR = Path(__file__).resolve().parent.parent / "slurm"
@@ -77,14 +78,21 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
     report.add("config", " <- ".join(_short(p) for p in chain) + given)
     shape = VitShape.from_config(config.model)
     m = config.model
-    report.add("model", f"ViT {m.variant} at {m.image_size} px, {param_count(shape):,} parameters, {m.num_classes} "
-                        f"classes" + (f", pre-logits {m.pre_logits}" if m.pre_logits else ""))
+    if config.objective == "mae" and stage == "train":
+        a = config.mae
+        report.add("model", f"MAE: ViT {m.variant} encoder at {m.image_size} px on {1 - a.mask_ratio:.0%} of the "
+                            f"patches, decoder {a.decoder_depth} x {a.decoder_dim} wide, "
+                            f"{param_count(objective_of(config).shapes(config)):,} parameters")
+    else:
+        report.add("model", f"ViT {m.variant} at {m.image_size} px, {param_count(shape):,} parameters, "
+                            f"{m.num_classes} classes" + (f", pre-logits {m.pre_logits}" if m.pre_logits else ""))
+    report.add("objective", config.objective)
     report.add("precision", f"{run_plan.precision}, ZeRO-{config.deepspeed.zero_stage}")
     assume = Assumptions(gpu=gpu)
     if stage == "train":
         micro = run_plan.micro_batch or config.train.micro_batch_size
         _report_batch(run_plan, report)
-        _check_train_memory(run_plan, shape, micro, assume, report)
+        _check_train_memory(run_plan, objective_of(config).shapes(config), micro, assume, report)
         _report_shards(run_plan.train_shards, "train data", report)
         if run_plan.train_shards is not None:
             _check_train_streams(run_plan, report)
@@ -135,7 +143,7 @@ def _report_batch(run_plan: RunPlan, report: Report) -> None:
                              f"{run_plan.flops_per_image / 1e9:,.1f} GFLOP an image trained")
 
 
-def _check_train_memory(run_plan: RunPlan, shape: VitShape, micro: int, assume: Assumptions, report: Report) -> None:
+def _check_train_memory(run_plan: RunPlan, shape, micro: int, assume: Assumptions, report: Report) -> None:
     config, world = run_plan.config, run_plan.world_size
     ds = config.deepspeed
     states = model_state_bytes(shape, ds.zero_stage, world)

@@ -2,11 +2,18 @@
 
 Counts are multiply-accumulates (MACs) of matmuls, convolutions and attention; FLOPs = 2 x MACs.
 Norms, softmax, GELU and adds are left out, as in timm's / fvcore's published GMAC figures.
+
+A model that trains as several ViT-like parts (a masked autoencoder's encoder over its visible
+patches and its decoder, :func:`mae_shapes`) is a sequence of shapes: the counts marked
+``@per_part`` take one shape or a sequence and add up its parts.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import Sequence
 
 from pipeline.model.vit import VARIANTS, parse_variant
 
@@ -45,6 +52,7 @@ class VitShape:
     class_token: bool = True
     pre_logits: int | None = None
     in_chans: int = 3
+    visible_patches: int | None = None  # patches the blocks run over, where fewer than all (MAE's encoder)
 
     @classmethod
     def from_variant(cls, variant: str, image_size: int, num_classes: int = 1000, **kw) -> "VitShape":
@@ -64,9 +72,35 @@ class VitShape:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_patches + int(self.class_token)
+        """Tokens the blocks run over: the (visible) patches and the class token."""
+        return (self.visible_patches or self.num_patches) + int(self.class_token)
 
 
+def mae_shapes(shape: VitShape, mask_ratio: float, decoder_dim: int, decoder_depth: int,
+               decoder_heads: int) -> tuple[VitShape, VitShape]:
+    """A masked autoencoder as two parts: the encoder (``shape`` without a head) over its visible
+    patches, and the decoder as a ViT of its width over every token, its pixel prediction
+    standing in for a patch embedding (the same size); its input projection is left out."""
+    visible = max(1, int(shape.num_patches * (1 - mask_ratio)))
+    encoder = dataclasses.replace(shape, num_classes=0, pre_logits=None, visible_patches=visible)
+    decoder = dataclasses.replace(encoder, width=decoder_dim, depth=decoder_depth, mlp_dim=4 * decoder_dim,
+                                  heads=decoder_heads, visible_patches=None)
+    return encoder, decoder
+
+
+def per_part(count):
+    """``count(shape, ...)`` of one shape, or added up over a sequence of parts."""
+
+    @functools.wraps(count)
+    def counted(shape: VitShape | Sequence[VitShape], *args, **kwargs):
+        if isinstance(shape, VitShape):
+            return count(shape, *args, **kwargs)
+        return sum(count(part, *args, **kwargs) for part in shape)
+
+    return counted
+
+
+@per_part
 def param_count(shape: VitShape) -> int:
     d, m, p = shape.width, shape.mlp_dim, shape.patch_size
     patch_embed = shape.in_chans * p * p * d + d
@@ -85,6 +119,7 @@ def blocks_macs(tokens: int, width: int, mlp_dim: int, depth: int) -> int:
     return depth * (attention + 2 * n * d * m)
 
 
+@per_part
 def forward_macs(shape: VitShape) -> int:
     """Multiply-accumulates of one image's forward pass."""
     d = shape.width
@@ -94,24 +129,11 @@ def forward_macs(shape: VitShape) -> int:
     return patch_embed + blocks_macs(shape.num_tokens, d, shape.mlp_dim, shape.depth) + head
 
 
+@per_part
 def train_flops_per_image(shape: VitShape, recompute: bool = False) -> int:
     """Model FLOPs of one training image: forward + backward (2 x forward) = 3 x forward; with
     ``recompute`` (activation checkpointing) the hardware does one more forward."""
     return 2 * forward_macs(shape) * (4 if recompute else 3)
-
-
-def mae_train_flops_per_image(shape: VitShape, mask_ratio: float, decoder_dim: int, decoder_depth: int) -> int:
-    """A masked autoencoder's training FLOPs of one image (3 x forward): the patch embedding of
-    every patch, the encoder over the visible patches and the class token, and the decoder
-    (embedding, blocks of width ``decoder_dim`` and MLP 4x, pixel prediction) over every token."""
-    visible = max(1, int(shape.num_patches * (1 - mask_ratio)))
-    prefix = int(shape.class_token)
-    d, p2c = shape.width, shape.patch_size**2 * shape.in_chans
-    encoder = shape.num_patches * p2c * d + blocks_macs(visible + prefix, d, shape.mlp_dim, shape.depth)
-    tokens = shape.num_tokens
-    decoder = (visible + prefix) * d * decoder_dim + blocks_macs(tokens, decoder_dim, 4 * decoder_dim, decoder_depth) \
-        + shape.num_patches * decoder_dim * p2c
-    return 2 * (encoder + decoder) * 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +151,7 @@ def largest_layer_params(shape: VitShape) -> int:
     return max(d * m + m, m * d + d, d * 3 * d + 3 * d, (shape.pre_logits or d) * shape.num_classes + shape.num_classes)
 
 
+@per_part
 def model_state_bytes(shape: VitShape, zero_stage: int, num_gpus: int) -> int:
     """Parameters, gradients and optimizer states per GPU. Stages 2 and 3 equal DeepSpeed's
     ``estimate_zero{2,3}_model_states_mem_needs`` (no offload)."""
@@ -143,6 +166,7 @@ def model_state_bytes(shape: VitShape, zero_stage: int, num_gpus: int) -> int:
     return (PARAM_16 + GRAD_16) * largest_layer_params(shape) + (PARAM_16 + GRAD_32 + OPTIMIZER) * p // n
 
 
+@per_part
 def activation_bytes_per_image(shape: VitShape, *, checkpointing: bool, flash: bool = True) -> int:
     """Activations kept for backward, per image, in bf16 (Korthikanti et al. 2022, "Reducing
     Activation Recomputation in Large Transformer Models": s*h*(34 + 5*a*s/h) bytes per layer;
@@ -171,13 +195,14 @@ def inference_weight_bytes(shape: VitShape, zero_stage: int, num_gpus: int) -> i
     return PARAM_16 * param_count(shape)
 
 
-def max_micro_batch(shape: VitShape, zero_stage: int, num_gpus: int, gpu_bytes: float, *, checkpointing: bool,
-                    flash: bool = True, reserved_bytes: float = 0.0) -> int:
+def max_micro_batch(shape: VitShape | Sequence[VitShape], zero_stage: int, num_gpus: int, gpu_bytes: float, *,
+                    checkpointing: bool, flash: bool = True, reserved_bytes: float = 0.0) -> int:
     """The largest micro-batch whose model states and activations fit ``gpu_bytes - reserved``."""
     free = gpu_bytes - reserved_bytes - model_state_bytes(shape, zero_stage, num_gpus)
     return max(0, int(free // activation_bytes_per_image(shape, checkpointing=checkpointing, flash=flash)))
 
 
+@per_part
 def gradient_bytes_sent_per_gpu(shape: VitShape, zero_stage: int, num_gpus: int) -> float:
     """Bytes each GPU sends per gradient synchronisation (ring algorithms, bf16): an all-reduce
     (stages 0-1) or a reduce-scatter + all-gather (2) moves 2(N-1)/N x 2 bytes x params;

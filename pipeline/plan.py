@@ -54,7 +54,9 @@ def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
     recommended stage and micro-batch, step time, wall-clock, decode cores, communication. The
     length and the data's mean sample size are the plan's, where it knows them."""
     config, nodes, gpus_per_node = run_plan.config, run_plan.job.nodes, run_plan.job.ranks_per_node
-    shape = VitShape.from_config(config.model)
+    from pipeline.train.objectives import objective_of
+
+    shape = objective_of(config).shapes(config)  # the parts that train: one ViT, or a masked autoencoder's two
     gpus = run_plan.world_size
     assume = with_sample_size(assume, run_plan.train_shards)
     memory_gb, peak_tflops = GPUS[assume.gpu]
@@ -95,7 +97,8 @@ def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
     return {
         "variant": config.model.variant, "image_size": config.model.image_size, "nodes": nodes, "gpus": gpus,
         "params": param_count(shape), "forward_gmacs_per_image": forward_macs(shape) / 1e9,
-        "backbone_params": param_count(dataclasses.replace(shape, num_classes=0, pre_logits=None)),
+        "backbone_params": param_count(dataclasses.replace(VitShape.from_config(config.model), num_classes=0,
+                                                           pre_logits=None)),
         "train_gflops_per_image": flops / 1e9, "teacher_gflops_per_image": teacher_flops / 1e9,
         "teacher_weights_gb": teacher / GB,
         "memory": {f"zero{s}{'+ckpt' if c else ''}": v for (s, c), v in memory.items()},

@@ -37,6 +37,12 @@ class ShardSet:
         return sum(self.counts) if self.counts is not None else None
 
     @property
+    def labelled(self) -> bool | None:
+        """Whether the samples carry labels (``.cls``), as the manifest says (older manifests,
+        written before unlabelled shards existed, always did); None without a manifest."""
+        return None if self.manifest is None else bool(self.manifest.get("labelled", True))
+
+    @property
     def sample_bytes(self) -> float | None:
         """Mean bytes a sample takes in the tars (its members and their headers), if known."""
         if self.sizes is None or not self.num_samples:

@@ -1,4 +1,5 @@
-"""Image sources for shard writing: scikit-learn's digits, synthetic JPEGs, an image folder, or a CSV list."""
+"""Image sources for shard writing: scikit-learn's digits, synthetic JPEGs, an image folder (by
+class, or unlabelled), or a CSV list (with labels, or without)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp
 
 @dataclass
 class Item:
-    """One source sample: a key, a label index and a way to read its encoded bytes."""
+    """One source sample: a key, a label index (None: unlabelled) and a way to read its encoded bytes."""
 
     key: str
-    label: int
+    label: int | None
     ext: str  # "jpg", "png" or "webp"
     read: Callable[[], bytes]
     origin: str  # where it came from, for messages
@@ -33,7 +34,7 @@ class Source:
 
 
 def open_source(spec: str) -> Source:
-    """``digits``, ``synthetic:N[xSIDE]``, ``imagefolder:PATH`` or ``list:FILE.csv``."""
+    """``digits``, ``synthetic:N[xSIDE]``, ``imagefolder:PATH``, ``images:PATH`` or ``list:FILE.csv``."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         return digits_source()
@@ -42,9 +43,12 @@ def open_source(spec: str) -> Source:
         return synthetic_source(int(count), int(side or 64))
     if kind == "imagefolder" and arg:
         return imagefolder_source(Path(arg))
+    if kind == "images" and arg:
+        return images_source(Path(arg))
     if kind == "list" and arg:
         return list_source(Path(arg))
-    raise ValueError(f"unknown --source '{spec}': use digits, synthetic:N[xSIDE], imagefolder:PATH or list:FILE.csv")
+    raise ValueError(f"unknown --source '{spec}': use digits, synthetic:N[xSIDE], imagefolder:PATH, images:PATH or "
+                     "list:FILE.csv")
 
 
 def digits_source() -> Source:
@@ -112,27 +116,45 @@ def imagefolder_source(root: Path) -> Source:
     return Source(items, classes, f"imagefolder:{root}")
 
 
+def images_source(root: Path) -> Source:
+    """Every image under ``root``, at any depth, without labels (a crawl, for an objective that
+    needs none)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"images: '{root}' is not a directory")
+    items = [Item(_safe_key(str(path.relative_to(root).with_suffix(""))), None, IMAGE_EXTENSIONS[path.suffix.lower()],
+                  path.read_bytes, str(path))
+             for path in sorted(root.rglob("*")) if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+    if not items:
+        raise ValueError(f"images: no images ({', '.join(IMAGE_EXTENSIONS)}) under '{root}'")
+    return Source(items, [], f"images:{root}")
+
+
 def list_source(csv_path: Path) -> Source:
-    """A CSV of ``path,label`` rows (an optional header); paths relative to the CSV's folder.
-    Integer labels are used as they are; otherwise labels are class names, indexed sorted."""
+    """A CSV of ``path,label`` rows (an optional header), or of ``path`` rows alone (unlabelled);
+    paths relative to the CSV's folder. Integer labels are used as they are; otherwise labels are
+    class names, indexed sorted."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"list: '{csv_path}' not found")
     with csv_path.open(newline="") as f:
         rows = [row for row in csv.reader(f) if row and not row[0].startswith("#")]
-    if rows and rows[0][-1].strip().lower() == "label":
+    if rows and rows[0][-1].strip().lower() in ("label", "path"):
         rows = rows[1:]
+    fields = len(rows[0]) if rows else 2
     for number, row in enumerate(rows, 1):
-        if len(row) != 2:
-            raise ValueError(f"{csv_path}: row {number} has {len(row)} fields, expected path,label: {row}")
-    labels = [label.strip() for _, label in rows]
-    if all(label.lstrip("-").isdigit() for label in labels):
+        if len(row) != fields or fields not in (1, 2):
+            raise ValueError(f"{csv_path}: row {number} has {len(row)} fields, expected path,label (or path alone, on "
+                             f"every row): {row}")
+    labels = [row[1].strip() for row in rows] if fields == 2 else []
+    if fields == 1:
+        indices, classes = [None] * len(rows), []
+    elif all(label.lstrip("-").isdigit() for label in labels):
         indices = [int(label) for label in labels]
         classes = [str(c) for c in range(max(indices) + 1)] if indices else []
     else:
         classes = sorted(set(labels))
         indices = [classes.index(label) for label in labels]
     items = []
-    for (path_text, _), label in zip(rows, indices):
+    for (path_text, *_), label in zip(rows, indices):
         path = (csv_path.parent / path_text.strip()).resolve()
         ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
         if ext is None:

@@ -45,14 +45,16 @@ def seed_of(*parts: int) -> int:
 
 
 def decode_sample(sample: dict, transform: Callable, rng: random.Random | None,
-                  num_classes: int | None = None) -> tuple[torch.Tensor, int]:
+                  num_classes: int | None = None, labels: bool = True) -> tuple[torch.Tensor, int]:
     """A tar sample -> (uint8 image (3, S, S), label). Raises ValueError naming what is missing
     or wrong, a label outside ``[0, num_classes)`` included (on a GPU it would be a device-side
-    assert in the loss)."""
+    assert in the loss). Without ``labels`` (an objective that needs none) the label is -1."""
     image_key = next((k for k in IMAGE_KEYS if k in sample), None)
     if image_key is None:
         raise ValueError(f"no image (.{', .'.join(IMAGE_KEYS)}) in "
                          f"{sorted(k for k in sample if not k.startswith('__'))}")
+    if not labels:
+        return transform(sample[image_key], rng), -1
     if "cls" not in sample:
         raise ValueError("no label (.cls)")
     label = int(sample["cls"].decode("ascii").strip())
@@ -158,6 +160,7 @@ class TrainStream(IterableDataset):
         samples_per_epoch: int | None = None,
         shuffle_buffer: int = 5000,  # samples, or bytes as a pydantic ByteSize
         num_classes: int | None = None,
+        labels: bool = True,  # False: an objective without labels (each is -1; .cls is not read)
     ):
         samples_per_epoch = samples_per_epoch or shards.num_samples
         if not samples_per_epoch:
@@ -169,7 +172,7 @@ class TrainStream(IterableDataset):
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = num_workers
-        self.num_classes = num_classes
+        self.num_classes, self.labels = num_classes, labels
         self.samples_per_epoch = samples_per_epoch
         # An epoch is the RNG re-seeding unit of each worker's stream: its share of one pass.
         self.samples_per_worker_epoch = max(1, samples_per_epoch // stream_count(world_size, num_workers))
@@ -244,7 +247,7 @@ class TrainStream(IterableDataset):
                 errors.consecutive = 0
                 rng = random.Random(seed_of(self.seed, self.rank, worker, epoch, index))
                 try:
-                    image, label = decode_sample(sample, self.transform, rng, self.num_classes)
+                    image, label = decode_sample(sample, self.transform, rng, self.num_classes, self.labels)
                 except Exception as e:  # noqa: BLE001 - a bad sample must not stop training
                     skipped += 1
                     log.warning("skipped unreadable sample (%s): %s", _where(sample), e)

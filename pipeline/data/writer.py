@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -100,7 +101,8 @@ def write_split(
     global _JOB
     out_dir.mkdir(parents=True, exist_ok=True)
     progress_path = out_dir / f".{split}.progress.json"
-    digest = hashlib.sha256(json.dumps([split, max_count, max_bytes, max_side]).encode())
+    labelled = any(item.label is not None for item in items)
+    digest = hashlib.sha256(json.dumps([split, max_count, max_bytes, max_side, labelled]).encode())
     for item in items:  # one key at a time: a split may hold millions
         digest.update(item.key.encode() + b"\0")
     fingerprint = digest.hexdigest()
@@ -139,7 +141,9 @@ def write_split(
                 skipped.append({"origin": item.origin, "error": result})
                 continue
             data, ext = result
-            sample = {"__key__": item.key, ext: data, "cls": str(item.label).encode()}
+            sample = {"__key__": item.key, ext: data}
+            if item.label is not None:
+                sample["cls"] = str(item.label).encode()
             size = sum(_tar_member_size(len(v)) for k, v in sample.items() if k != "__key__")
             too_big = -(-(shard_bytes + size) // TAR_RECORD) * TAR_RECORD > max_bytes
             if writer.count and (writer.count >= max_count or too_big):
@@ -164,6 +168,7 @@ def write_split(
         "num_samples": sum(counts.values()),
         "num_classes": len(classes),
         "classes": classes,
+        "labelled": labelled,
         "shards": [
             {"url": name, "num_samples": n, "num_bytes": (out_dir / name).stat().st_size} for name, n in counts.items()
         ],
@@ -213,7 +218,7 @@ def index_shards(directory: str | Path, split: str | None = None, progress: bool
             labels |= found
         num_classes = max(labels) + 1 if labels else 0
         manifest = {"split": name, "num_samples": sum(s["num_samples"] for s in shards), "num_classes": num_classes,
-                    "classes": [str(i) for i in range(num_classes)], "shards": shards,
+                    "classes": [str(i) for i in range(num_classes)], "labelled": bool(labels), "shards": shards,
                     "source": f"indexed from the tar headers of {directory}", "skipped": []}
         write_manifest(directory, manifest)
         written[name] = manifest
@@ -231,13 +236,25 @@ def write_shards(
     max_side: int | None = None,
     progress: bool = True,
     procs: int = 1,
+    unlabelled: bool = False,
+    train_fraction: float = 1.0,
 ) -> dict[str, dict]:
-    """Split ``source`` and write each split's shards under ``out_dir``; returns the manifests."""
+    """Split ``source`` and write each split's shards under ``out_dir``; returns the manifests.
+    ``unlabelled``: leave the labels out (no ``.cls``), for an objective that needs none.
+    ``train_fraction``: keep that share of the train split (seeded: the first of its shuffled
+    order), for a fine-tune on a few labels; the val split is whole."""
+    if not 0.0 < train_fraction <= 1.0:
+        raise ValueError(f"--train-fraction must be in (0, 1], got {train_fraction}")
     out_dir = Path(out_dir)
+    splits = split_items(source.items, val_fraction, seed)
+    splits["train"] = splits["train"][:max(1, round(len(splits["train"]) * train_fraction))]
+    if unlabelled:
+        splits = {name: [dataclasses.replace(item, label=None) for item in items] for name, items in splits.items()}
+    classes = [] if unlabelled else source.classes
     return {
         split: write_split(
-            items, out_dir, split, source.classes, max_count=max_count, max_bytes=max_bytes,
+            items, out_dir, split, classes, max_count=max_count, max_bytes=max_bytes,
             max_side=max_side, source=source.description, progress=progress, procs=procs,
         )
-        for split, items in split_items(source.items, val_fraction, seed).items()
+        for split, items in splits.items()
     }

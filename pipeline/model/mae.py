@@ -17,6 +17,8 @@ from torch import nn
 from pipeline.model.layers import Block
 from pipeline.model.vit import VisionTransformer, _layer_norm, vit_from_config
 
+MAE_DECODER = ("decoder_", "mask_token")  # what a masked autoencoder has beside its encoder (the ViT's keys)
+
 
 class MaskedAutoencoder(VisionTransformer):
     """``forward(images, noise)`` -> (predicted pixels of every patch (b, n, p*p*c), mask (b, n): 1

@@ -105,7 +105,8 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
     return found[-1]
 
 
-def agree_on_resume(resume: str, directory: Path, signature: dict, world_size: int) -> Path | None:
+def agree_on_resume(resume: str, directory: Path, signature: dict, world_size: int,
+                    objective: str = "classification") -> Path | None:
     """The checkpoint every rank resumes (see :func:`resolve_resume`), decided by rank 0 alone and
     told to the others, so no rank loads another step from a stale listing of a shared
     filesystem. A checkpoint of another model is refused; one of another world size is
@@ -115,7 +116,7 @@ def agree_on_resume(resume: str, directory: Path, signature: dict, world_size: i
         found = resolve_resume(resume, directory)
         if found is None:
             return None
-        check_model(found, signature)
+        check_model(found, signature, objective)
         if read_marker(found)["world_size"] != world_size:
             found = convert_to_universal(found)
         return str(found)
@@ -124,8 +125,19 @@ def agree_on_resume(resume: str, directory: Path, signature: dict, world_size: i
     return Path(decided) if decided is not None else None
 
 
-def check_model(checkpoint: Path, model_signature: dict) -> None:
-    """Refuse a checkpoint of another model, naming what differs."""
+def trained_objective(checkpoint: Path) -> str:
+    """The objective a checkpoint of ours was trained with (``classification`` before they were named)."""
+    return read_marker(checkpoint).get("objective", "classification")
+
+
+def check_model(checkpoint: Path, model_signature: dict, objective: str = "classification") -> None:
+    """Refuse a checkpoint of another model, or of a masked autoencoder to a classifier's run (or
+    the reverse), naming what differs."""
+    saved_objective = trained_objective(checkpoint)
+    if (saved_objective == "mae") != (objective == "mae"):
+        raise WrongInput(f"checkpoint {checkpoint} was trained with objective={saved_objective}, this run has "
+                         f"objective={objective}: start a new run (another run.name); a classifier starts from a "
+                         f"masked autoencoder with run.stage=finetune and finetune.init_from={checkpoint}")
     saved = read_marker(checkpoint).get("model", {})
     differ = {k: (saved.get(k), v) for k, v in model_signature.items() if k in saved and saved[k] != v}
     if differ:
@@ -170,7 +182,7 @@ class Checkpointer:
         self.directory, self.keep, self.rank = Path(directory), keep, rank
 
     def save(self, engine, step: int, client_state: dict, model_signature: dict, extra=None,
-             run_id: str | None = None) -> Path:
+             run_id: str | None = None, objective: str = "classification") -> Path:
         """Collective: every rank calls it. ``model_signature`` goes into the completion marker,
         so a checkpoint of another model is refused before DeepSpeed reads it, and the MLflow
         ``run_id`` that wrote it (a student distilled from it links to that run). ``extra(path,
@@ -196,7 +208,7 @@ class Checkpointer:
         if self.rank == 0:
             marker = {"step": step, "time": time.time(), "world_size": _world_size(),
                       "zero_stage": engine.zero_optimization_stage(), "model": model_signature,
-                      "mlflow_run_id": run_id}
+                      "objective": objective, "mlflow_run_id": run_id}
             tmp = path / (COMPLETE + ".tmp")
             try:
                 tmp.write_text(json.dumps(marker))

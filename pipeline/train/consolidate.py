@@ -20,9 +20,10 @@ from safetensors import safe_open
 
 from pipeline.errors import MissingInput, WrongInput
 from pipeline.model import vit_from_config
+from pipeline.model.mae import MAE_DECODER
 from pipeline.model.weights import HEAD_KEYS, LazyTensor, adapt_state_dict, load_safetensors
 from pipeline.train import safe_load
-from pipeline.train.checkpoint import checkpoint_dir, read_marker
+from pipeline.train.checkpoint import checkpoint_dir, read_marker, trained_objective
 from pipeline.train.distributed import on_rank0
 from pipeline.train.ema import read_ema_state
 
@@ -114,6 +115,13 @@ def read_pretrained(source: str | Path, model_config, *, reset_head: bool = Fals
     """The weights (or ``ema`` weights) of ``source`` adapted to ``model_config`` (lazily read).
     With ``same_head`` (evaluation) the checkpoint's head must fit the model's classes as it is."""
     state = consolidated_state_dict(source, lazy=True, ema=ema)
+    if Path(source).suffix != ".safetensors" and trained_objective(checkpoint_dir(source)) == "mae":
+        if same_head:
+            raise WrongInput(f"checkpoint '{source}' is a masked autoencoder (objective=mae), without a classifier "
+                             f"head: fine-tune it first (run.stage=finetune, finetune.init_from={source}) and "
+                             "evaluate that run")
+        state = {k: v for k, v in state.items() if not k.startswith(MAE_DECODER)}
+        log.info("%s: the masked autoencoder's encoder, without its decoder and mask token", source)
     if same_head:
         classes = model_config.num_classes
         if HEAD_KEYS[0] in state and classes and state[HEAD_KEYS[0]].shape[0] != classes:
@@ -138,14 +146,21 @@ def pretrained(source: str | Path, model_config, *, reset_head: bool = False, sa
 def export_checkpoint(source: str | Path, out: str | Path, ema: bool = False) -> tuple[Path, Path, int]:
     """A checkpoint (run, checkpoints or stepNNNNNNNN directory; any ZeRO stage and world size)
     as a safetensors file timm loads, and ``out.json`` with the timm arguments (:func:`export_safetensors`);
-    its EMA weights with ``ema``. Returns both paths and the parameter count."""
+    its EMA weights with ``ema``; a masked autoencoder's encoder alone (``num_classes`` 0).
+    Returns both paths and the parameter count."""
     from pipeline.config import ModelConfig
     from pipeline.model.weights import export_safetensors
 
     source = checkpoint_dir(source)
+    model_config = ModelConfig.model_validate(read_marker(source)["model"])
+    mae = trained_objective(source) == "mae"  # its encoder, as a ViT without a head
+    if mae:
+        model_config = model_config.model_copy(update={"num_classes": 0})
     with torch.device("meta"):  # the model the marker records, built as training built it; no memory
-        model = vit_from_config(ModelConfig.model_validate(read_marker(source)["model"]))
+        model = vit_from_config(model_config)
     state = consolidated_state_dict(source, ema=ema)
+    if mae:
+        state = {k: v for k, v in state.items() if not k.startswith(MAE_DECODER)}
     model.load_state_dict(state, strict=True, assign=True)  # the checkpoint is the model its marker says
     out, config_path = export_safetensors(state, model, out)
     return out, config_path, sum(v.numel() for v in state.values())

@@ -160,6 +160,11 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
         plan.total_steps = c.total_steps(per_epoch)
         if plan.train_shards is not None:
             problems += check_shards("data.train_shards", plan.train_shards, c, check_files)
+            if plan.train_shards.labelled is False and objective_of(c).needs_labels:
+                problems.append(WrongInput(
+                    f"data.train_shards={c.data.train_shards}: its shards carry no labels (no .cls in "
+                    f"{plan.train_shards.urls[0]}, as its manifest says): objective={c.objective} needs them; "
+                    "objective=mae trains on images alone"))
             plan.shuffle_buffer = attempt(shuffle_samples, c.data.shuffle_buffer, plan.train_shards)
             if not per_epoch:
                 problems.append(WrongInput(f"data.samples_per_epoch: unknown for {c.data.train_shards} (no manifest): "

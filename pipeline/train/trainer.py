@@ -109,7 +109,7 @@ class Trainer:
         everything else as the dry run works it out; rank 0 writes it to ``plan.json``."""
         c = self.config
         resume = ckpt.agree_on_resume(c.train.resume, self.checkpoints.directory, ckpt.model_signature(c),
-                                      self.env.world_size)
+                                      self.env.world_size, c.objective)
         plan = resolve(c, JobShape.of(self.placements, self.device), "train", resume=resume).check()
         if self.is_main:
             plan.write(self.run_dir)
@@ -186,7 +186,7 @@ class Trainer:
         stream = TrainStream(plan.train_shards, transform, batch_size=plan.micro_batch, seed=c.run.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=c.data.num_workers,
                              samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=plan.shuffle_buffer,
-                             num_classes=c.model.num_classes)
+                             num_classes=c.model.num_classes, labels=objective_of(c).needs_labels)
         if isinstance(c.data.shuffle_buffer, ByteSize) and self.is_main:
             log.info("data.shuffle_buffer %s bytes = %d samples per worker at %.1f kB a sample (the manifest's mean)",
                      f"{int(c.data.shuffle_buffer):,}", plan.shuffle_buffer, plan.train_shards.sample_bytes / 1e3)
@@ -279,7 +279,8 @@ class Trainer:
                 if not stop and cadence.should_validate(self.step):
                     try:
                         record = self.validate(meter)
-                        postfix["val_top1"] = f"{record['val/top1']:.4f}"
+                        key = self.objective.headline
+                        postfix[key.replace("/", "_")] = f"{record[key]:.4f}"
                         bar.set_postfix(postfix)
                     except Preempted as e:
                         log.warning("validation at step %d stopped: %s", self.step, e)
@@ -388,7 +389,8 @@ class Trainer:
         """Save a checkpoint (collective); rank 0 logs it as an MLflow LoggedModel, and marks the
         ones pruned, through the tracker's queue."""
         path = self.checkpoints.save(self.engine, self.step, self.state_dict(), ckpt.model_signature(self.config),
-                                     extra=self.ema.save if self.ema is not None else None, run_id=self.tracker.run_id)
+                                     extra=self.ema.save if self.ema is not None else None, run_id=self.tracker.run_id,
+                                     objective=self.config.objective)
         if self.is_main:
             self.tracker.log_checkpoint(self.step, path, ckpt.complete_checkpoints(self.checkpoints.directory))
         return path

@@ -22,6 +22,7 @@ class Objective:
     name: ClassVar[str]
     needs_labels: ClassVar[bool] = True  # whether its training shards must carry labels (.cls)
     sums: ClassVar[tuple[str, ...]]  # what :meth:`step` adds up over a log window, on the device
+    headline: ClassVar[str] = "val/top1"  # the validation figure the progress bar shows
     teacher_identity: dict | None = None  # a teacher's, which checkpoints record (distillation)
 
     def __init__(self, config: Config, plan, device: torch.device, is_main: bool):
@@ -38,11 +39,19 @@ class Objective:
         return vit_from_config(config.model)
 
     @classmethod
+    def shapes(cls, config: Config):
+        """The parts that train, as :class:`pipeline.flops.VitShape` s (one, or a sequence), for
+        the FLOPs, memory and time the run plan, the dry run and the planner work out."""
+        from pipeline.flops import VitShape
+
+        return VitShape.from_config(config.model)
+
+    @classmethod
     def flops_per_image(cls, config: Config) -> float:
         """Training FLOPs of one image: what images/s is turned into TFLOP/s and MFU with."""
-        from pipeline.flops import VitShape, train_flops_per_image
+        from pipeline.flops import train_flops_per_image
 
-        return train_flops_per_image(VitShape.from_config(config.model))
+        return train_flops_per_image(cls.shapes(config))
 
     # -- the training side ------------------------------------------------------------------------
 

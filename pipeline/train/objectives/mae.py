@@ -20,6 +20,7 @@ class MaskedAutoencoding(Objective):
     name = "mae"
     needs_labels = False
     sums = ("loss", "finite")
+    headline = "val/loss"
 
     def __init__(self, config, plan, device, is_main):
         super().__init__(config, plan, device, is_main)
@@ -32,12 +33,12 @@ class MaskedAutoencoding(Objective):
         return mae_from_config(config)
 
     @classmethod
-    def flops_per_image(cls, config):
-        from pipeline.flops import VitShape, mae_train_flops_per_image
+    def shapes(cls, config):
+        from pipeline.flops import VitShape, mae_shapes
 
         m = config.mae
-        return mae_train_flops_per_image(VitShape.from_config(config.model), m.mask_ratio, m.decoder_dim,
-                                         m.decoder_depth)
+        return mae_shapes(VitShape.from_config(config.model), m.mask_ratio, m.decoder_dim, m.decoder_depth,
+                          m.decoder_heads)
 
     def loss(self, engine, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Each image's mean squared error over its hidden patches (b,), in fp32."""
