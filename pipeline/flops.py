@@ -104,7 +104,7 @@ def per_part(count):
 def param_count(shape: VitShape) -> int:
     d, m, p = shape.width, shape.mlp_dim, shape.patch_size
     patch_embed = shape.in_chans * p * p * d + d
-    embeddings = shape.num_tokens * d + (d if shape.class_token else 0)
+    embeddings = (shape.num_patches + int(shape.class_token)) * d + (d if shape.class_token else 0)  # all positions
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)  # norms, qkv, proj, mlp
     head_in = shape.pre_logits or d
     pre_logits = d * shape.pre_logits + shape.pre_logits if shape.pre_logits else 0

@@ -29,3 +29,14 @@ def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_images(tmp_path_factory) -> Path:
+    """The digits of ``digits_shards`` (the same split), without labels."""
+    from pipeline.data.sources import digits_source
+    from pipeline.data.writer import write_shards
+
+    out = tmp_path_factory.mktemp("digits-images")
+    write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False, unlabelled=True)
+    return out

@@ -39,9 +39,13 @@ def read_log(path: Path) -> str:
 def metrics(run_dir: Path, validation: bool = False) -> dict[int, dict]:
     """step -> the last training record of that step, or with ``validation`` the validation
     record (``val/*``) of that step (a line still being written is left out)."""
+
+    def is_validation(record: dict) -> bool:
+        return any(key.startswith("val/") for key in record)
+
     text = read_log(run_dir / "metrics.jsonl")
     lines = text.splitlines()[:text.count("\n")]
-    return {record["step"]: record for record in map(json.loads, lines) if ("val/top1" in record) == validation}
+    return {record["step"]: record for record in map(json.loads, lines) if is_validation(record) == validation}
 
 
 def train_args(shards: Path, out: Path, name: str, *extra: str) -> list[str]:

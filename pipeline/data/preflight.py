@@ -31,15 +31,17 @@ class SplitReport:
         return not self.unreadable and self.samples == self.expected
 
 
-def check_shard(url: str, num_classes: int | None = None) -> tuple[int, Counter, list[tuple[str, str, str]]]:
-    """Read and decode every sample of one shard: (samples, label histogram, unreadable)."""
+def check_shard(url: str, num_classes: int | None = None,
+                labels: bool = True) -> tuple[int, Counter, list[tuple[str, str, str]]]:
+    """Read and decode every sample of one shard: (samples, label histogram, unreadable); the
+    labels of an unlabelled split are not looked for."""
     samples, histogram, unreadable, key = 0, Counter(), [], None
     try:
         for sample in wds.tarfile_samples([{"url": url}]):
             key = sample.get("__key__")
             samples += 1
             try:
-                _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None, num_classes)
+                _, label = decode_sample(sample, lambda data, rng: decode_rgb(data), None, num_classes, labels)
                 histogram[label] += 1
             except Exception as e:  # noqa: BLE001 - every failure is reported
                 unreadable.append((url, key, str(e)))
@@ -54,7 +56,8 @@ def check_split(manifest_path: Path, progress: bool = True, num_classes: int | N
     is the same for any ``procs``."""
     shards = resolve_shards(str(manifest_path))
     report = SplitReport(manifest_path.stem, len(shards.urls), 0, shards.num_samples or 0, shards.classes)
-    with ordered_map(partial(check_shard, num_classes=num_classes), shards.urls, procs) as results:
+    check = partial(check_shard, num_classes=num_classes, labels=shards.labelled is not False)
+    with ordered_map(check, shards.urls, procs) as results:
         for samples, histogram, unreadable in tqdm(results, total=len(shards.urls), desc=f"check {report.split}",
                                                    unit="shard", disable=not progress):
             report.samples += samples
@@ -78,8 +81,12 @@ def preflight(directory: str | Path, world_size: int = 1, workers: int = 1, prog
         ok &= report.ok
         lines.append(f"{report.split}: {report.samples:,} samples in {report.shards} shards "
                      f"(manifest: {report.expected:,}){'' if report.samples == report.expected else '  MISMATCH'}")
-        counts = ", ".join(f"{classes[c] if c < len(classes) else c}: {n}" for c, n in sorted(report.histogram.items()))
-        lines.append(f"  classes ({len(report.histogram)}): {counts}")
+        if -1 in report.histogram:
+            lines.append("  unlabelled (no .cls): for an objective that needs no labels (objective=mae)")
+        else:
+            counts = ", ".join(f"{classes[c] if c < len(classes) else c}: {n}"
+                               for c, n in sorted(report.histogram.items()))
+            lines.append(f"  classes ({len(report.histogram)}): {counts}")
         lines.append("  " + shard_advice(report.expected, report.shards, world_size, workers))
         lines.append(f"  unreadable{' or out of range' if num_classes else ''}: {len(report.unreadable)}")
         lines += [f"    {shard} key={key}: {error}" for shard, key, error in report.unreadable[:50]]

@@ -361,14 +361,14 @@ class EvalStream(IterableDataset):
     ``skipped``."""
 
     def __init__(self, shards: ShardSet, transform: Callable, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, image_size: int, num_classes: int | None = None):
+                 num_workers: int = 0, image_size: int, num_classes: int | None = None, labels: bool = True):
         self.urls = shards.urls
         self.counts = shards.counts if shards.counts is not None else [count_samples(u) for u in shards.urls]
         self.transform = transform
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers = num_workers
-        self.num_classes = num_classes
+        self.num_classes, self.labels = num_classes, labels
         self.image_size = image_size
         self.num_samples = sum(self.counts)
         # Stream (rank r, worker w) holds global samples [lo, hi). Whole shards where there are
@@ -410,7 +410,7 @@ class EvalStream(IterableDataset):
             try:
                 if sample is None:
                     raise ValueError("lost in a damaged shard")
-                image, label = decode_sample(sample, self.transform, None, self.num_classes)
+                image, label = decode_sample(sample, self.transform, None, self.num_classes, self.labels)
                 ok = True
             except Exception as e:  # noqa: BLE001
                 log.warning("skipped unreadable sample (%s): %s", _where(sample or {}), e)

@@ -125,13 +125,13 @@ def eval_model(plan: RunPlan, source: str, device: torch.device) -> torch.nn.Mod
     return engine
 
 
-def eval_stream(config: Config, env: DistEnv, shards: ShardSet) -> EvalStream:
+def eval_stream(config: Config, env: DistEnv, shards: ShardSet, labels: bool = True) -> EvalStream:
     """The exact evaluation stream of ``shards`` (``data.eval_shards``, as the run plan resolved
-    them) for this rank."""
+    them) for this rank; without ``labels`` (an objective that needs none), labels are not read."""
     c = config
     return EvalStream(shards, EvalTransform(c.model.image_size, c.data.crop_pct), batch_size=c.eval.micro_batch_size,
                       rank=env.rank, world_size=env.world_size, num_workers=c.data.num_workers,
-                      image_size=c.model.image_size, num_classes=c.model.num_classes)
+                      image_size=c.model.image_size, num_classes=c.model.num_classes, labels=labels)
 
 
 @torch.no_grad()

@@ -135,6 +135,8 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
     resumes, as the ranks agreed on it (the Trainer), or ``"find"`` to look for it as rank 0
     would (the dry run). ``check_files``: check that local shard files exist. ``earlier``: the
     run directories earlier stages will write, and their configs (the dry run's ``--after``)."""
+    from pipeline.train.objectives import objective_of  # they build on the plan's modules
+
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: one of {STAGES}")
     c, problems = config, []
@@ -149,8 +151,6 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
     world = job.world_size
     plan = RunPlan(stage, c, job, stream_count(world, c.data.num_workers), problems=problems)
     if stage == "train":
-        from pipeline.train.objectives import objective_of  # they build on the plan's modules
-
         plan.flops_per_image = objective_of(c).flops_per_image(c)
         plan.micro_batch = attempt(c.micro_batch, world)
         if plan.micro_batch is not None:
@@ -160,11 +160,8 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
         plan.total_steps = c.total_steps(per_epoch)
         if plan.train_shards is not None:
             problems += check_shards("data.train_shards", plan.train_shards, c, check_files)
-            if plan.train_shards.labelled is False and objective_of(c).needs_labels:
-                problems.append(WrongInput(
-                    f"data.train_shards={c.data.train_shards}: its shards carry no labels (no .cls in "
-                    f"{plan.train_shards.urls[0]}, as its manifest says): objective={c.objective} needs them; "
-                    "objective=mae trains on images alone"))
+            if objective_of(c).needs_labels:
+                problems += check_labelled("data.train_shards", plan.train_shards, c)
             plan.shuffle_buffer = attempt(shuffle_samples, c.data.shuffle_buffer, plan.train_shards)
             if not per_epoch:
                 problems.append(WrongInput(f"data.samples_per_epoch: unknown for {c.data.train_shards} (no manifest): "
@@ -189,6 +186,8 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
         plan.eval_shards = attempt(shards_of, "data.eval_shards", c.data.eval_shards)
         if plan.eval_shards is not None:
             problems += check_shards("data.eval_shards", plan.eval_shards, c, check_files)
+            if stage == "evaluate" or objective_of(c).needs_labels:
+                problems += check_labelled("data.eval_shards", plan.eval_shards, c)
     if c.deepspeed.zero_stage == 3:
         plan.eval_deepspeed = build_eval_deepspeed_config(c, world)
     return plan
@@ -202,6 +201,15 @@ def shards_of(key: str, spec: str | None) -> ShardSet:
         return resolve_shards(spec, check_exists=False)
     except UserError as e:
         raise type(e)(f"{key}={spec}: {e}") from None
+
+
+def check_labelled(key: str, shards: ShardSet, config: Config) -> list[UserError]:
+    """A problem where the manifest of ``shards`` says they carry no labels."""
+    if shards.labelled is not False:
+        return []
+    return [WrongInput(f"{key}={shards.spec}: its shards carry no labels (no .cls in {shards.urls[0]}, as its "
+                       f"manifest says): objective={config.objective} needs them; objective=mae trains on images "
+                       "alone")]
 
 
 def check_shards(key: str, shards: ShardSet, config: Config, check_files: bool) -> list[UserError]:

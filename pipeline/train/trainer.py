@@ -75,7 +75,8 @@ class Trainer:
         self.placements = self.place()
         self.plan = self.resolve_plan()
         self.loader = self.build_loader()
-        self.eval_stream = eval_stream(config, env, self.plan.eval_shards) if config.train.eval_every else None
+        self.eval_stream = eval_stream(config, env, self.plan.eval_shards, objective_of(config).needs_labels) \
+            if config.train.eval_every else None
         self.decoder = BatchFinisher(config.model.image_size, self.device)
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
         self.engine = self.build_engine()

@@ -315,3 +315,32 @@ def test_a_crashed_split_resumes_after_its_complete_shards(tmp_path):
                 progress=False)
     assert reads == [item.key for item in source.items[30:]], "items of complete shards were read again"
     assert _files(tmp_path / "resumed") == _files(tmp_path / "whole")
+
+
+def test_unlabelled_splits_from_any_source(image_folder, tmp_path):
+    """--unlabelled leaves .cls out and says so in the manifest; images:PATH and path-only lists
+    are unlabelled sources; --train-fraction keeps a seeded share of the train split."""
+    manifests = write_shards(digits_source(), tmp_path / "digits", val_fraction=0.2, max_count=500, progress=False,
+                             unlabelled=True)
+    labelled = write_shards(digits_source(), tmp_path / "labelled", val_fraction=0.2, max_count=500, progress=False,
+                            train_fraction=0.1)
+    assert manifests["train"]["labelled"] is False and manifests["train"]["classes"] == []
+    assert labelled["train"]["labelled"] is True and labelled["train"]["num_samples"] == 144  # 10% of 1,438
+    assert labelled["val"]["num_samples"] == manifests["val"]["num_samples"] == 359  # whole
+    samples = read_all(tmp_path / "digits/train.json")
+    assert len(samples) == 1438 and not [s for s in samples if "cls" in s]
+    # the same split: the 10% are among the unlabelled train images
+    assert {s["__key__"] for s in read_all(tmp_path / "labelled/train.json")} <= {s["__key__"] for s in samples}
+    assert resolve_shards(str(tmp_path / "digits/train.json")).labelled is False
+    ok, report = preflight(tmp_path / "digits", progress=False)
+    assert ok and "unlabelled (no .cls)" in report, report
+
+    images = open_source(f"images:{image_folder}")
+    assert images.classes == [] and images.items and all(i.label is None for i in images.items)
+    csv_path = image_folder / "paths.csv"
+    csv_path.write_text("path\ncat/cat.0.jpg\ndog/small.png\n")
+    listed = open_source(f"list:{csv_path}")
+    assert [i.label for i in listed.items] == [None, None] and listed.classes == []
+    csv_path.write_text("cat/cat.0.jpg,1\ndog/small.png\n")
+    with pytest.raises(ValueError, match="row 2 has 1 fields"):
+        open_source(f"list:{csv_path}")
