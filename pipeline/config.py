@@ -323,6 +323,22 @@ class MaeConfig(Section):
         return self
 
 
+class KnnConfig(Section):
+    train_shards: str | None = Field(
+        None, description="Labelled shards whose features form the k-NN bank (sharded over the ranks); with "
+        "knn.eval_shards, knn/top1 is logged at every validation (train.eval_every); null for off.")
+    eval_shards: str | None = Field(None, description="Labelled shards the k-NN bank classifies for knn/top1.")
+    k: int = Field(20, gt=0, description="Neighbours that vote (DINO: 20).")
+    temperature: float = Field(
+        0.07, gt=0.0, description="Each neighbour votes exp(cosine similarity / temperature) (DINO: 0.07).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "KnnConfig":
+        if bool(self.train_shards) != bool(self.eval_shards):
+            raise ValueError("knn.train_shards and knn.eval_shards go together: the bank and what it classifies")
+        return self
+
+
 OBJECTIVES = ("classification", "distillation", "mae")
 
 
@@ -341,6 +357,8 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation stage.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="A teacher to distill from.")
     mae: MaeConfig = Field(default_factory=MaeConfig, description="objective=mae: masking and the decoder.")
+    knn: KnnConfig = Field(default_factory=KnnConfig, description="k-NN monitoring of the representation (any "
+                           "objective).")
 
     @model_validator(mode="before")
     @classmethod
@@ -381,8 +399,11 @@ class Config(Section):
         if self.train.max_bad_steps and self.deepspeed.precision != "bf16":
             raise ValueError("train.max_bad_steps needs deepspeed.precision=bf16: DeepSpeed skips the update of a "
                              "non-finite step only under bf16 (check_grad_overflow), an fp32 run would apply it")
-        if self.train.eval_every and not self.data.eval_shards:
-            raise ValueError("train.eval_every validates on data.eval_shards: set them, or train.eval_every=null")
+        if self.train.eval_every and not (self.data.eval_shards or self.knn.train_shards):
+            raise ValueError("train.eval_every validates on data.eval_shards (and knn.*): set them, or "
+                             "train.eval_every=null")
+        if self.knn.train_shards and not self.train.eval_every:
+            raise ValueError("knn.train_shards: k-NN is measured at each validation: set train.eval_every")
         if self.train.ema_decay is not None and self.deepspeed.zero_stage == 0:
             raise ValueError("train.ema_decay keeps the EMA partitioned like ZeRO's fp32 weights: set "
                              "deepspeed.zero_stage to 1, 2 or 3")

@@ -23,7 +23,8 @@ MAE_DECODER = ("decoder_", "mask_token")  # what a masked autoencoder has beside
 class MaskedAutoencoder(VisionTransformer):
     """``forward(images, noise)`` -> (predicted pixels of every patch (b, n, p*p*c), mask (b, n): 1
     where the patch was hidden). ``noise`` (b, n) in [0, 1): the patches of the lowest ``num_keep``
-    values are visible (MAE's per-sample random masking, from the caller's generator)."""
+    values are visible (MAE's per-sample random masking, from the caller's generator). Without
+    ``noise``, the encoder's pooled representation of the whole image (k-NN monitoring)."""
 
     def __init__(self, *, mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
                  decoder_heads: int = 16, **vit):
@@ -54,7 +55,15 @@ class MaskedAutoencoder(VisionTransformer):
         p = self.patch_size
         return rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p)
 
-    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(b, n, p*p*c) -> (b, c, H, W): :meth:`patchify` undone."""
+        p, (h, w) = self.patch_size, self.grid_size
+        return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=p, q=p)
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
+                pre_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        if noise is None:
+            return super().forward(images, pre_logits=True)
         order = noise.argsort(dim=1)  # ascending: the first num_keep are visible
         restore = order.argsort(dim=1)
         keep = order[:, :self.num_keep]

@@ -85,6 +85,7 @@ class VisionTransformer(nn.Module):
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.embed_dim = embed_dim
+        self.num_features = pre_logits or embed_dim  # width of the pooled representation (timm's name)
         self.global_pool = global_pool
         self.distilled = distilled
         self.separate_heads = False
@@ -258,8 +259,9 @@ class VisionTransformer(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits; with ``pre_logits`` the pooled representation (what k-NN monitoring scores)."""
+        return self.forward_head(self.forward_features(x), pre_logits=pre_logits)
 
 
 def head_average(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -59,6 +59,7 @@ class RunPlan:
     flops_per_image: float | None = None  # train: the model's training FLOPs an image (MFU counts these)
     train_shards: ShardSet | None = None
     eval_shards: ShardSet | None = None  # train: with train.eval_every; evaluate: always
+    knn_shards: tuple[ShardSet, ShardSet] | None = None  # train with knn.*: the k-NN bank and its queries
     resume: Path | None = None  # train: the checkpoint this run resumes
     deepspeed: dict | None = None  # train: DeepSpeed's training config
     eval_deepspeed: dict | None = None  # ZeRO-3: the partitioned evaluation's DeepSpeed config
@@ -96,6 +97,7 @@ class RunPlan:
             "accumulation": self.accumulation, "total_steps": self.total_steps,
             "shuffle_buffer": self.shuffle_buffer, "flops_per_image": self.flops_per_image,
             "train_shards": describe(self.train_shards), "eval_shards": describe(self.eval_shards),
+            "knn_shards": [describe(s) for s in self.knn_shards] if self.knn_shards else None,
             "resume": str(self.resume) if self.resume else None,
             "deepspeed": self.deepspeed, "eval_deepspeed": self.eval_deepspeed,
             "teacher": {"path": str(self.teacher.path), "model": architecture(self.teacher.model)}
@@ -182,7 +184,9 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
             universal = plan.resume is not None and (
                 is_universal(plan.resume) or read_marker(plan.resume)["world_size"] != world)
             plan.deepspeed = build_deepspeed_config(c, world, load_universal=universal)
-    if stage == "evaluate" or c.train.eval_every:
+    if stage == "train" and c.knn.train_shards:
+        plan.knn_shards = attempt(knn_shards_of, c, check_files)
+    if stage == "evaluate" or c.train.eval_every and c.data.eval_shards:
         plan.eval_shards = attempt(shards_of, "data.eval_shards", c.data.eval_shards)
         if plan.eval_shards is not None:
             problems += check_shards("data.eval_shards", plan.eval_shards, c, check_files)
@@ -201,6 +205,25 @@ def shards_of(key: str, spec: str | None) -> ShardSet:
         return resolve_shards(spec, check_exists=False)
     except UserError as e:
         raise type(e)(f"{key}={spec}: {e}") from None
+
+
+def knn_shards_of(config: Config, check_files: bool) -> tuple[ShardSet, ShardSet]:
+    """The k-NN bank and queries: labelled, local files present, with the same classes."""
+    k = config.knn
+    bank, queries = shards_of("knn.train_shards", k.train_shards), shards_of("knn.eval_shards", k.eval_shards)
+    for key, shards in (("knn.train_shards", bank), ("knn.eval_shards", queries)):
+        if check_files:
+            check_exist(shards)
+        for problem in check_labelled(key, shards, config):
+            raise problem
+        if not shards.classes:
+            raise WrongInput(f"{key}={shards.spec}: no classes in its manifest (k-NN needs labelled shards)")
+    if bank.classes != queries.classes:
+        raise WrongInput(f"knn.eval_shards={k.eval_shards} lists {len(queries.classes)} classes "
+                         f"({', '.join(queries.classes[:3])}, ...), knn.train_shards={k.train_shards} "
+                         f"{len(bank.classes)} ({', '.join(bank.classes[:3])}, ...): the bank votes for its classes, "
+                         "the queries must have the same")
+    return bank, queries
 
 
 def check_labelled(key: str, shards: ShardSet, config: Config) -> list[UserError]:

@@ -29,6 +29,7 @@ from pipeline.train.distill import check_same_teacher
 from pipeline.train.distributed import DistEnv, describe_placements, gather_placements, rank_device
 from pipeline.train.ema import ShardedEma, has_ema
 from pipeline.train.evaluation import Preempted, eval_stream
+from pipeline.train.knn import knn_top1
 from pipeline.train.metrics import Meter, MetricsWriter, max_memory_gb
 from pipeline.train.objectives import objective_of
 from pipeline.train.optim import build_optimizer, lr_at, peak_lr
@@ -76,7 +77,9 @@ class Trainer:
         self.plan = self.resolve_plan()
         self.loader = self.build_loader()
         self.eval_stream = eval_stream(config, env, self.plan.eval_shards, objective_of(config).needs_labels) \
-            if config.train.eval_every else None
+            if self.plan.eval_shards else None
+        self.knn = [eval_stream(config, env, shards) for shards in self.plan.knn_shards] \
+            if self.plan.knn_shards else None
         self.decoder = BatchFinisher(config.model.image_size, self.device)
         self.normalize = Normalize(config.data.mean, config.data.std, self.device)
         self.engine = self.build_engine()
@@ -280,7 +283,7 @@ class Trainer:
                 if not stop and cadence.should_validate(self.step):
                     try:
                         record = self.validate(meter)
-                        key = self.objective.headline
+                        key = "knn/top1" if self.knn else self.objective.headline
                         postfix[key.replace("/", "_")] = f"{record[key]:.4f}"
                         bar.set_postfix(postfix)
                     except Preempted as e:
@@ -314,17 +317,32 @@ class Trainer:
         self.engine.eval()
         try:
             with torch.compiler.set_stance("force_eager"):
-                record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize, "val"))
-                if self.ema is not None:
-                    with self.ema.swapped_in():
-                        record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize,
-                                                              "val_ema"))
+                if self.eval_stream is not None:
+                    record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize, "val"))
+                    if self.ema is not None:
+                        with self.ema.swapped_in():
+                            record.update(self.objective.validate(self.engine, self.eval_stream, self.normalize,
+                                                                  "val_ema"))
+                if self.knn:
+                    k = self.config.knn
+                    record["knn/top1"] = knn_top1(self.engine, *self.knn, self.normalize, self.plan.dtype, k=k.k,
+                                                  temperature=k.temperature,
+                                                  num_classes=len(self.plan.knn_shards[0].classes),
+                                                  zero3=self.config.deepspeed.zero_stage == 3, show=self.is_main)
         finally:
             self.engine.train()
             set_rng_state(rng)
         record["val/time_s"] = time.perf_counter() - start
         meter.exclude(record["val/time_s"])
         self.metrics.write(record)
+        picture = self.objective.picture() if self.is_main else None
+        if picture is not None:  # e.g. MAE's reconstructions, beside the metrics of this step
+            from PIL import Image
+
+            path = self.run_dir / "pictures" / f"step{self.step:08d}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(picture).save(path)
+            self.tracker.log_artifact(path, "pictures")
         if self.is_main:
             log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step"))
         return record

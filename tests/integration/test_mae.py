@@ -15,6 +15,10 @@ MAE = ["objective=mae", "deepspeed.zero_stage=3", "mae.decoder_dim=32", "mae.dec
        "train.total_steps=6", "train.checkpoint_every=3", "train.eval_every=6", "train.ema_decay=null"]
 
 
+def marker_of(run_dir):
+    return json.loads((run_dir / "checkpoints/step00000006/complete.json").read_text())
+
+
 def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
@@ -24,9 +28,10 @@ def mae(digits_images, digits_shards, tmp_path_factory):
     """An MAE pretrained 6 steps straight, and 3 + stop + 3 resumed, on the unlabelled digits; a
     classifier fine-tuned from it on the labelled ones."""
     out = tmp_path_factory.mktemp("mae")
-    straight = run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "straight", *MAE))
-    run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "resumed", *MAE, "train.stop_at_step=3"))
-    resumed = run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "resumed", *MAE))
+    mae = [*MAE, f"knn.train_shards={digits_shards}/train.json", f"knn.eval_shards={digits_shards}/val.json"]
+    straight = run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "straight", *mae))
+    run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "resumed", *mae, "train.stop_at_step=3"))
+    resumed = run_deepspeed("launch/train.py", 2, *train_args(digits_images, out, "resumed", *mae))
     finetune = run_deepspeed("launch/train.py", 2, *train_args(
         digits_shards, out, "finetune", "run.stage=finetune", f"finetune.init_from={out}/straight",
         "model.image_size=16", "train.total_steps=4", "train.eval_every=4", "deepspeed.zero_stage=2"))
@@ -41,11 +46,22 @@ def test_mae_trains_on_unlabelled_shards_and_validates_the_reconstruction(mae):
     assert all(math.isfinite(r["loss"]) and "accuracy" not in r for r in records.values())
     assert records[6]["loss"] < records[1]["loss"]  # the decoder learns something in 6 steps
     validation = metrics(out / "straight", validation=True)[6]
-    assert set(validation) >= {"val/loss"} and math.isfinite(validation["val/loss"])
+    assert set(validation) >= {"val/loss", "knn/top1"} and math.isfinite(validation["val/loss"])
+    assert 0.1 < validation["knn/top1"] <= 1.0  # the k-NN of the labelled digits, above chance
+    # the reconstructions of the first validation images: masked, reconstructed, original
+    from PIL import Image
+
+    picture = Image.open(out / "straight/pictures/step00000006.png")
+    assert picture.size == (8 * 96, 3 * 96)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    run_id = marker_of(out / "straight")["mlflow_run_id"]
+    assert [a.path for a in client.list_artifacts(run_id, "pictures")] == ["pictures/step00000006.png"]
+    assert client.get_run(run_id).data.metrics["knn/top1"] == validation["knn/top1"]
     plan = json.loads((out / "straight/plan.json").read_text())
     assert plan["objective"] == "mae" and plan["train_shards"]["classes"] == 0
-    marker = json.loads((out / "straight/checkpoints/step00000006/complete.json").read_text())
-    assert marker["objective"] == "mae"
+    assert marker_of(out / "straight")["objective"] == "mae"
     # fewer FLOPs an image than the classifier's: the encoder sees a quarter of the patches
     from pipeline.config import load_config
     from pipeline.train.objectives import Classification
@@ -59,8 +75,9 @@ def test_mae_resume_is_exact_loss_for_loss(mae):
     straight, resumed = metrics(mae["out"] / "straight"), metrics(mae["out"] / "resumed")
     assert "resumed from" in mae["resumed_log"]
     assert [resumed[s]["loss"] for s in range(1, 7)] == [straight[s]["loss"] for s in range(1, 7)]
-    assert metrics(mae["out"] / "resumed", validation=True)[6]["val/loss"] == \
-        metrics(mae["out"] / "straight", validation=True)[6]["val/loss"]
+    for key in ("val/loss", "knn/top1"):
+        assert metrics(mae["out"] / "resumed", validation=True)[6][key] == \
+            metrics(mae["out"] / "straight", validation=True)[6][key]
 
 
 def test_the_encoder_fine_tunes_into_a_classifier(mae):

@@ -69,6 +69,11 @@ class Objective:
         """``{prefix}/name: value`` over the whole evaluation stream, every rank taking part."""
         raise NotImplementedError
 
+    def picture(self):
+        """What the last validation shows as a picture (an RGB ``numpy`` array), if anything;
+        rank 0 saves it and logs it to MLflow."""
+        return None
+
 
 def finite_sums(loss: torch.Tensor, **terms: torch.Tensor) -> dict[str, torch.Tensor]:
     """A micro-batch's ``loss`` and loss ``terms`` where the loss is finite (else 0), and
