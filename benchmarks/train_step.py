@@ -13,11 +13,17 @@ activation checkpointing on and off, on one GPU: images/s, model TFLOP/s, MFU (m
 optimizer step (torch.cuda.set_sync_debug_mode), peak memory against the planner's prediction
 (target within 15%), and the bare loop beside each model.
 
+--objectives (CPU): at equal model and batch, the trainer's step under each training objective:
+supervised, MAE (mae.mask_ratio 0.75; the encoder sees a quarter of the patches) and supervised
+with patch dropout 0.5, one after another: images/s and the speedups over supervised
+(targets: MAE >= 2.5x, patch dropout >= 1.6x).
+
 --parity runs the eager/compiled comparison alone, on as many ranks as it is launched with, and
 the same for the gradient reduction overlapped in buckets (ds_config.py) against one after the
 backward pass (losses within 1e-5 at ZeRO-1, 2 and 3).
 
     python benchmarks/train_step.py --device cpu
+    python benchmarks/train_step.py --device cpu --objectives --variant L/16 --batch-size 4 --rounds 3 --steps 1
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/train_step.py --device cpu --parity
     python benchmarks/train_step.py --device cuda [--cases H/14@224]
 """
@@ -326,6 +332,40 @@ def cpu_benchmark(args, env, work: Path) -> dict:
             "torch": torch.__version__}
 
 
+OBJECTIVE_CASES = {"supervised": (), "mae": ("objective=mae",), "patch_dropout": ("model.patch_dropout=0.5",)}
+OBJECTIVE_TARGETS = {"mae": 2.5, "patch_dropout": 1.6}
+
+
+def objectives_benchmark(args, env, work: Path) -> dict:
+    """The trainer's step per objective, at equal model and batch, one objective after another
+    (one trainer in memory at a time: an L/16 trainer holds ~10 GB on the CPU)."""
+    decoder = [f"mae.decoder_{k}={v}" for k, v in zip(("dim", "depth", "heads"), args.mae_decoder.split("x"))]
+    median, flops = {}, {}
+    for name, extra in OBJECTIVE_CASES.items():
+        config = trainer_config(work, f"objective-{name}", variant=args.variant, image_size=args.image_size,
+                                micro=args.batch_size, world=1, zero=1, compile=False, checkpointing=False,
+                                extra=(*extra, *decoder))
+        case = TrainerCase(config, env, batches(config, 4, seed=0, device=torch.device("cpu")))
+        time_steps(case, 1)  # warm-up
+        median[name] = statistics.median(time_steps(case, args.steps) for _ in range(args.rounds))
+        flops[name] = case.trainer.plan.flops_per_image
+        case.close()
+    speedup = {name: median["supervised"] / median[name] for name in median}
+    print(f"{args.variant} at {args.image_size} px, batch {args.batch_size}, MAE decoder {args.mae_decoder} "
+          f"(width x depth x heads), {torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} "
+          "optimizer steps (median)")
+    print(f"{'objective':<14} {'s/step':>8} {'images/s':>9} {'GFLOP/img':>10} {'speedup':>8} {'target':>7}")
+    for name, seconds in median.items():
+        target = f">= {OBJECTIVE_TARGETS[name]}" if name in OBJECTIVE_TARGETS else ""
+        print(f"{name:<14} {seconds:>8.3f} {args.batch_size / seconds:>9.2f} {flops[name] / 1e9:>10.1f} "
+              f"{speedup[name]:>8.2f} {target:>7}")
+    return {"device": "cpu", "variant": args.variant, "image_size": args.image_size, "batch_size": args.batch_size,
+            "mae_decoder": args.mae_decoder, "s_per_step": median, "speedup": speedup,
+            "gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
+            "meets_targets": all(speedup[k] >= v for k, v in OBJECTIVE_TARGETS.items()),
+            "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__}
+
+
 def host_syncs(case: TrainerCase, steps: int) -> float:
     """Synchronising CUDA calls per optimizer step (ours and DeepSpeed's)."""
     torch.cuda.set_sync_debug_mode("warn")
@@ -402,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parity", action="store_true",
                         help="only eager vs compiled, and overlapped vs plain gradient reduction, on the launched "
                              "ranks")
+    parser.add_argument("--objectives", action="store_true",
+                        help="CPU: supervised vs MAE vs patch dropout 0.5 at equal model and batch")
+    parser.add_argument("--mae-decoder", default="512x8x16",
+                        help="--objectives: the MAE decoder as WIDTHxDEPTHxHEADS (default MAE's 512x8x16, for L/H)")
     parser.add_argument("--variant", default="Ti/16", help="CPU: the model timed (default Ti/16)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=16, help="CPU: images per step")
@@ -435,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                        "losses": {k: {"eager": v["eager"], "compiled": v["compiled"]} for k, v in results.items()},
                        "compile_counts": {k: {n: v[n] for n in ("block_graphs", "block_fallbacks", "graphs")}
                                           for k, v in results.items()}}
+        elif args.objectives:
+            figures = objectives_benchmark(args, env, work)
         elif args.device == "cpu":
             figures = cpu_benchmark(args, env, work)
         else:

@@ -71,6 +71,9 @@ class ModelConfig(Section):
     drop_path_rate: float = Field(
         0.0, ge=0.0, lt=1.0, description="Stochastic depth rate of the last block (linear rule).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout in MLPs and projections.")
+    patch_dropout: float = Field(
+        0.0, ge=0.0, le=0.75, description="Training only: drop this share of each image's patches at random before "
+        "the blocks (FLIP, Li et al. 2023; open_clip's patch_dropout); evaluation sees every patch.")
     distilled: bool = Field(
         False, description="DeiT's distillation token and second head (dist_token, head_dist), for a student "
         "trained against a teacher (distill section); evaluation averages the two heads.")
@@ -382,6 +385,9 @@ class Config(Section):
         if (self.objective == "distillation") != distilling:
             raise ValueError(f"objective={self.objective} with distill.type={self.distill.type}: distillation is "
                              "objective=distillation with distill.type hard or soft (and distill.teacher)")
+        if self.objective == "mae" and self.model.patch_dropout:
+            raise ValueError("model.patch_dropout drops patches for a supervised objective: objective=mae hides them "
+                             "with mae.mask_ratio")
         if self.objective == "mae" and (self.model.distilled or self.model.pre_logits):
             raise ValueError("objective=mae trains an encoder without a head: set model.distilled=false and "
                              "model.pre_logits=null")

@@ -98,6 +98,7 @@ def dry_run(config_name: str, overrides: list[str], *, stage: str, nodes: int, g
             _check_train_streams(run_plan, report)
         _check_host_memory(config, run_plan.train_shards, micro, gpus_per_node, assume, report)
         _report_shards(run_plan.eval_shards, "eval data", report)
+        _report_knn(run_plan, report)
         _report_teacher(run_plan, earlier, report)
         if run_plan.resume is not None:
             report.add("resumes", f"{run_plan.resume}" + (" (another world size: converted to a universal "
@@ -195,6 +196,20 @@ def _report_shards(shards: ShardSet | None, label: str, report: Report) -> None:
     report.add(label, f"{shards.spec}: {len(shards.urls):,} shards, {samples}"
                + (f", {len(shards.classes):,} classes" if shards.classes else "")
                + (f" ({remote} remote, not checked)" if remote else ""))
+
+
+def _report_knn(run_plan: RunPlan, report: Report) -> None:
+    """The k-NN bank and queries, and the features each rank keeps of the bank."""
+    if run_plan.knn_shards is None:
+        return
+    bank, queries = run_plan.knn_shards
+    _report_shards(bank, "knn bank", report)
+    _report_shards(queries, "knn queries", report)
+    m = run_plan.config.model
+    width = m.pre_logits or VitShape.from_config(m).width
+    per_rank = (bank.num_samples or 0) * width * 4 / run_plan.world_size
+    report.add("knn memory", f"{per_rank / 2**20:,.1f} MiB of bank features per rank (fp32, {width} wide), at "
+                              f"every validation (train.eval_every)")
 
 
 def _check_train_streams(run_plan: RunPlan, report: Report) -> None:

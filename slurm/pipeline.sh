@@ -4,6 +4,7 @@
 #
 #   slurm/pipeline.sh [--no-check] [--distill CONFIG] [PRETRAIN_CONFIG FINETUNE_CONFIG EVAL_CONFIG] [-- key=value ...]
 #   slurm/pipeline.sh vit_l16.yaml vit_l16_ft384.yaml vit_l16_eval.yaml
+#   slurm/pipeline.sh vit_h14_mae.yaml vit_h14_mae_ft.yaml vit_h14_mae_eval.yaml   # MAE, no labels to pretrain
 #   slurm/pipeline.sh --distill vit_l16_distill.yaml     # and a student distilled from the fine-tuned H/14
 #
 # --distill CONFIG adds a fourth job after the fine-tune (its teacher): a training stage run with

@@ -52,7 +52,9 @@ def imagenet(tmp_path_factory) -> Path:
 
 def moved_data(name: str, root: Path) -> list[str]:
     config = load_config(name)
-    return [f"data.{key}={root}{getattr(config.data, key)}" for key in ("train_shards", "eval_shards")]
+    return [f"{section}.{key}={root}{getattr(getattr(config, section), key)}"
+            for section in ("data", "knn") for key in ("train_shards", "eval_shards")
+            if getattr(getattr(config, section), key)]
 
 
 @pytest.mark.parametrize("nodes", [1, 4, 16])
@@ -60,10 +62,13 @@ def moved_data(name: str, root: Path) -> list[str]:
 def test_every_shipped_config_passes_the_dry_run_at_cluster_scale(name, nodes, imagenet):
     config = load_config(name)
     stage = "evaluate" if config.eval.checkpoint else "train"
-    teacher = [other for other in REAL_CONFIGS if config.distill.teacher
-               and load_config(other).run.run_dir == Path(config.distill.teacher)]  # the stage it distills
+    links = [config.distill.teacher, config.finetune.init_from if config.run.stage == "finetune" else None,
+             config.eval.checkpoint]
+    earlier = [other for other in REAL_CONFIGS for link in links  # the stages it starts from, as pipeline.sh says
+               if link and load_config(other).run.run_dir == Path(link)]
+    teacher = [other for other in earlier if load_config(other).run.run_dir == Path(config.distill.teacher or "")]
     ok, report, plan = dry_run(name, moved_data(name, imagenet), stage=stage, nodes=nodes, gpus_per_node=8,
-                               after=teacher)
+                               after=earlier)
     assert ok, report
     if config.distill.type != "none":  # the teacher sized from its own (not yet run) stage's config
         assert teacher and "written by the earlier stage" in report and "teacher weights" in report

@@ -73,6 +73,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         dropout: float = 0.0,
         distilled: bool = False,
+        patch_dropout: float = 0.0,
     ):
         super().__init__()
         if image_size % patch_size:
@@ -89,6 +90,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.distilled = distilled
         self.separate_heads = False
+        self.patch_dropout = patch_dropout
         self.num_prefix_tokens = (1 if class_token else 0) + (1 if distilled else 0)
         self.grad_checkpointing_every = 0
 
@@ -227,6 +229,9 @@ class VisionTransformer(nn.Module):
                 f"({self.pos_embed.shape[1] - self.num_prefix_tokens} patches); resample pos_embed first"
             )
         tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
+        if keep is None and self.patch_dropout and self.training:  # a random subset of each image's patches
+            count = max(1, int(x.shape[1] * (1 - self.patch_dropout)))
+            keep = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)[:, :count]
         if keep is None:
             prefix = [t.expand(x.shape[0], -1, -1) for t in tokens]
             if prefix:
@@ -303,5 +308,6 @@ def vit_from_config(model_config, model: type[VisionTransformer] = VisionTransfo
         drop_path_rate=c.drop_path_rate,
         dropout=c.dropout,
         distilled=c.distilled,
+        patch_dropout=c.patch_dropout,
         **extra,
     )

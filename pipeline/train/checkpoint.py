@@ -70,7 +70,7 @@ def model_signature(config) -> dict:
 
 def architecture(model_config) -> dict:
     """A model's settings that shape its weights (not its regularisation or compilation)."""
-    return model_config.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "compile"})
+    return model_config.model_dump(mode="json", exclude={"drop_path_rate", "dropout", "patch_dropout", "compile"})
 
 
 def checkpoint_dir(source: str | Path) -> Path:

@@ -79,7 +79,8 @@ def teacher_spec(config: Config, earlier: dict[Path, Config] | None = None) -> T
                          f"(model.num_classes) {config.model.num_classes}: distillation needs the same classes")
     if d.teacher_resolution == "student":
         model = model.model_copy(update={"image_size": config.model.image_size})
-    return TeacherSpec(d.teacher, model.model_copy(update={"drop_path_rate": 0.0, "dropout": 0.0, "compile": False}),
+    return TeacherSpec(d.teacher, model.model_copy(update={"drop_path_rate": 0.0, "dropout": 0.0, "patch_dropout": 0.0,
+                                                                    "compile": False}),
                        checkpoint, pending)
 
 

@@ -53,6 +53,11 @@ def tiny_model(config) -> list[str]:
     return overrides
 
 
+def tiny_decoder(config) -> list[str]:
+    """An MAE's decoder at the tiny model's scale: 1 block, 32 wide."""
+    return ["mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2"] if config.objective == "mae" else []
+
+
 def under(out: Path, path: str | None) -> str | None:
     """A relative path of the config, moved under this test's folder."""
     return None if path is None else str(out / path) if not Path(path).is_absolute() else path
@@ -97,7 +102,9 @@ def chain(default_shards, tmp_path_factory):
         overrides = [f"run.output_dir={under(out, config.run.output_dir)}",
                      f"run.tracking_uri=sqlite:///{out}/mlflow.db",
                      f"data.train_shards={default_shards}/train.json", f"data.eval_shards={default_shards}/val.json",
-                     *tiny_model(config)]
+                     *tiny_model(config), *tiny_decoder(config)]
+        if config.knn.train_shards:
+            overrides += [f"knn.train_shards={default_shards}/train.json", f"knn.eval_shards={default_shards}/val.json"]
         if is_evaluation(config):
             overrides.append(f"eval.checkpoint={under(out, config.eval.checkpoint)}")
             script, stage = "launch/evaluate.py", "evaluate"
@@ -118,6 +125,10 @@ def chain(default_shards, tmp_path_factory):
         return done[name]
 
     return run
+
+
+def marker_objective(run_dir: Path) -> str:
+    return json.loads((run_dir / "checkpoints/step00000002/complete.json").read_text())["objective"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -145,6 +156,10 @@ def test_config_runs_through_its_stage(name, chain, default_shards):
         assert f"{config.distill.type} distillation" in log and built["teacher"]["path"]
     if config.train.eval_every:  # the interval is longer than the tiny run: validated once, at the end
         assert sorted(metrics(run_dir, validation=True)) == [2]
+        if config.knn.train_shards:
+            assert 0 <= metrics(run_dir, validation=True)[2]["knn/top1"] <= 1
+    if config.objective == "mae":
+        assert marker_objective(run_dir) == "mae" and (run_dir / "pictures/step00000002.png").is_file()
     assert (run_dir / "checkpoints/step00000002/ema").is_dir() == (config.train.ema_decay is not None)
     marker = json.loads((run_dir / "checkpoints/step00000002/complete.json").read_text())
     assert marker["zero_stage"] == config.deepspeed.zero_stage and marker["world_size"] == 2

@@ -254,3 +254,27 @@ def test_distilled_weights_at_a_higher_resolution_keep_both_prefix_tokens():
     assert "dist_token" not in state and "head_dist.weight" not in state
     torch.testing.assert_close(state["pos_embed"][:, 1], plain.pos_embed[:, 0], rtol=0, atol=0)
     high.load_state_dict(state, strict=False)
+
+
+def test_patch_dropout_keeps_a_random_share_of_patches_in_training_only():
+    from pipeline.config import load_config
+    from pipeline.flops import train_flops_per_image
+    from pipeline.train.objectives import Classification
+
+    model = create_vit("pico/2", num_classes=10, image_size=8, patch_dropout=0.5).init_weights()
+    images = torch.randn(3, 3, 8, 8)
+    model.train()
+    torch.manual_seed(0)
+    first = model.forward_features(images)
+    assert first.shape == (3, 1 + 8, 64)  # the class token and half of the 16 patches
+    torch.manual_seed(0)
+    assert torch.equal(model.forward_features(images), first)  # drawn from the global generator
+    assert not torch.equal(model.forward_features(images), first)  # and another subset next time
+    model.eval()
+    state = torch.get_rng_state()
+    assert model.forward_features(images).shape == (3, 1 + 16, 64)  # evaluation sees every patch
+    assert torch.equal(torch.get_rng_state(), state)
+    # its FLOPs an image count the patches kept
+    plain = load_config("configs/demo/pretrain.yaml")
+    dropped = load_config("configs/demo/pretrain.yaml", ["model.patch_dropout=0.5"])
+    assert train_flops_per_image(Classification.shapes(dropped)) < 0.6 * Classification.flops_per_image(plain)

@@ -42,9 +42,15 @@ class Objective:
     def shapes(cls, config: Config):
         """The parts that train, as :class:`pipeline.flops.VitShape` s (one, or a sequence), for
         the FLOPs, memory and time the run plan, the dry run and the planner work out."""
+        import dataclasses
+
         from pipeline.flops import VitShape
 
-        return VitShape.from_config(config.model)
+        shape = VitShape.from_config(config.model)
+        if config.model.patch_dropout:  # the blocks run over the patches kept
+            shape = dataclasses.replace(shape, visible_patches=max(1, int(shape.num_patches *
+                                                                          (1 - config.model.patch_dropout))))
+        return shape
 
     @classmethod
     def flops_per_image(cls, config: Config) -> float:
