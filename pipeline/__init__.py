@@ -8,8 +8,9 @@ Layers; a module imports only from its own layer and those above it in this list
   partitioned construction), no MLflow;
 - ``config``: the typed config (it checks model variants against ``model``);
 - ``flops`` (analytic sizes and speeds), ``tracking`` (MLflow, on rank 0);
-- ``train``: the resolved run plan, DeepSpeed, checkpoints, the EMA, distillation, the trainer
-  and the evaluation library;
+- ``train``: the resolved run plan, the training objectives (``train/objectives/``:
+  classification, distillation, MAE), DeepSpeed, checkpoints, the EMA, k-NN monitoring, the
+  trainer and the evaluation library;
 - ``plan``: sizing a job against its run plan;
 - the stages and tools: ``evaluate``, ``dryrun``, ``serving``, ``cli``, which ``launch/`` calls,
   and ``config_doc``, which writes docs/config.md.

@@ -11,18 +11,39 @@ import shutil
 import time
 from pathlib import Path
 
+import deepspeed
+import torch
 
 from pipeline.config import Config
 from pipeline.data import Normalize, resolve_shards
 from pipeline.errors import MissingInput, WrongInput
+from pipeline.model import build_model
 from pipeline.tracking import Tracker, describe_shards, pipeline_id, stage_tags, tracking_uri, ui_url
 from pipeline.train.checkpoint import checkpoint_dir
-from pipeline.train.consolidate import read_pretrained
+from pipeline.train.consolidate import pretrained, read_pretrained
 from pipeline.train.distributed import DistEnv, gather_placements, rank_device
-from pipeline.train.evaluation import Tally, eval_model, eval_stream, plot_confusion, run_eval
-from pipeline.train.run_plan import JobShape, resolve
+from pipeline.train.evaluation import Tally, eval_stream, plot_confusion, run_eval
+from pipeline.train.run_plan import JobShape, RunPlan, resolve
 
 log = logging.getLogger(__name__)
+
+
+def eval_model(plan: RunPlan, source: str, device: torch.device) -> torch.nn.Module:
+    """The model at ``model.image_size`` with the weights of ``source`` (read on rank 0; its EMA
+    weights with ``eval.use_ema``; pos_embed resampled when the resolution differs; the classes
+    must match), in eval mode and the plan's precision: a plain module on the device at ZeRO 0-2,
+    a partitioned DeepSpeed engine at ZeRO-3 (the plan's evaluation DeepSpeed config). A
+    distilled model gives both heads' logits."""
+    c = plan.config
+    weights = pretrained(source, c.model, same_head=True, ema=c.eval.use_ema)
+    zero3 = plan.eval_deepspeed is not None  # the plan's ZeRO-3 evaluation config
+    model = build_model(c.model, device=device, ds_config=plan.eval_deepspeed, zero3=zero3, weights=weights)
+    model.separate_heads = model.distilled  # the report scores each head besides their average
+    if not zero3:
+        return model.to(plan.dtype).eval()
+    engine, *_ = deepspeed.initialize(model=model, config=plan.eval_deepspeed)
+    engine.eval()  # returns None, unlike Module.eval
+    return engine
 
 
 def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dict:
@@ -37,7 +58,7 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
             checkpoint_dir(source)
         except MissingInput as e:
             raise MissingInput(f"{'--checkpoint' if checkpoint else 'eval.checkpoint'}: {e}") from None
-    c, zero3 = config, config.deepspeed.zero_stage == 3
+    c = config
     device = rank_device(env)
     plan = resolve(config, JobShape.of(gather_placements(env, device), device), "evaluate").check()
     if env.is_main:
@@ -46,7 +67,7 @@ def evaluate(config: Config, env: DistEnv, checkpoint: str | None = None) -> dic
     stream, classes = eval_stream(config, env, plan.eval_shards), plan.eval_shards.classes
     tally = Tally(c.model.num_classes, device)
     start = time.perf_counter()
-    run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), plan.dtype, zero3=zero3,
+    run_eval(model, stream, tally, Normalize(c.data.mean, c.data.std, device), plan.dtype, zero3=plan.zero3,
              show=env.is_main)
     elapsed = time.perf_counter() - start
     tally.all_reduce()

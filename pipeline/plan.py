@@ -15,6 +15,7 @@ from pipeline.flops import (
     DEVICE_PEAK_TFLOPS, VitShape, activation_bytes_per_image, forward_macs, gradient_bytes_sent_per_gpu,
     inference_weight_bytes, max_micro_batch, model_state_bytes, param_count, train_flops_per_image,
 )
+from pipeline.train.objectives import objective_of
 from pipeline.train.run_plan import RunPlan
 
 GB = 1e9
@@ -54,8 +55,6 @@ def plan(run_plan: RunPlan, assume: Assumptions) -> dict:
     recommended stage and micro-batch, step time, wall-clock, decode cores, communication. The
     length and the data's mean sample size are the plan's, where it knows them."""
     config, nodes, gpus_per_node = run_plan.config, run_plan.job.nodes, run_plan.job.ranks_per_node
-    from pipeline.train.objectives import objective_of
-
     shape = objective_of(config).shapes(config)  # the parts that train: one ViT, or a masked autoencoder's two
     gpus = run_plan.world_size
     assume = with_sample_size(assume, run_plan.train_shards)

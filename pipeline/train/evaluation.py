@@ -3,8 +3,9 @@ ranks (:func:`run_eval`), summed per rank into a :class:`Tally` that one all-red
 top-1, top-5, loss, per-class accuracy, a confusion matrix and calibration error. The trainer's
 validation and the evaluation stage (:mod:`pipeline.evaluate`) both run it.
 
-At ZeRO stages 0-2 the model is a plain bf16 (or fp32) module on each device: inference needs
-neither an optimizer nor DeepSpeed's engine. At ZeRO-3 it stays partitioned under DeepSpeed, and
+At ZeRO stages 0-2 the evaluation stage's model (:func:`pipeline.evaluate.eval_model`) is a
+plain bf16 (or fp32) module on each device: inference needs neither an optimizer nor DeepSpeed's
+engine. At ZeRO-3 it stays partitioned under DeepSpeed, and
 every rank runs every (padded) batch, since each forward gathers parameters collectively.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,11 +20,9 @@ from tqdm import tqdm
 
 from pipeline.config import Config
 from pipeline.data import EvalStream, EvalTransform, Normalize, ShardSet, eval_batches
-from pipeline.model import build_model, head_average
+from pipeline.model import head_average
 from pipeline.train import signals
-from pipeline.train.consolidate import pretrained
 from pipeline.train.distributed import DistEnv, StepAgreement
-from pipeline.train.run_plan import RunPlan
 
 ECE_BINS = 15
 MAX_CONFUSION_CLASSES = 1000  # a 21k x 21k matrix is neither small nor readable
@@ -105,24 +103,6 @@ class Tally:
 
 class Preempted(RuntimeError):
     """Every rank stopped the evaluation on a preemption signal; the job should be requeued."""
-
-
-def eval_model(plan: RunPlan, source: str, device: torch.device) -> torch.nn.Module:
-    """The model at ``model.image_size`` with the weights of ``source`` (read on rank 0; its EMA
-    weights with ``eval.use_ema``; pos_embed resampled when the resolution differs; the classes
-    must match), in eval mode and the plan's precision: a plain module on the device at ZeRO 0-2,
-    a partitioned DeepSpeed engine at ZeRO-3 (the plan's evaluation DeepSpeed config). A
-    distilled model gives both heads' logits."""
-    c = plan.config
-    weights = pretrained(source, c.model, same_head=True, ema=c.eval.use_ema)
-    zero3 = plan.eval_deepspeed is not None
-    model = build_model(c.model, device=device, ds_config=plan.eval_deepspeed, zero3=zero3, weights=weights)
-    model.separate_heads = model.distilled  # the report scores each head besides their average
-    if not zero3:
-        return model.to(plan.dtype).eval()
-    engine, *_ = deepspeed.initialize(model=model, config=plan.eval_deepspeed)
-    engine.eval()  # returns None, unlike Module.eval
-    return engine
 
 
 def eval_stream(config: Config, env: DistEnv, shards: ShardSet, labels: bool = True) -> EvalStream:

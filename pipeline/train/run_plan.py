@@ -22,6 +22,7 @@ from pipeline.flops import VitShape, forward_macs
 from pipeline.train.checkpoint import architecture, is_universal, read_marker, resolve_resume
 from pipeline.train.distill import TeacherSpec, teacher_spec
 from pipeline.train.ds_config import build_deepspeed_config, build_eval_deepspeed_config, compute_dtype
+from pipeline.train.objectives import objective_of
 
 STAGES = ("train", "evaluate")
 
@@ -55,6 +56,7 @@ class RunPlan:
     micro_batch: int | None = None  # train: images per rank per forward pass
     accumulation: int | None = None  # train: micro-batches per optimizer step
     total_steps: int | None = None  # train: optimizer steps to run
+    samples_per_epoch: int | None = None  # train: data.samples_per_epoch, else the manifest's count
     shuffle_buffer: int | None = None  # train: samples each stream's shuffle buffer holds
     flops_per_image: float | None = None  # train: the model's training FLOPs an image (MFU counts these)
     train_shards: ShardSet | None = None
@@ -80,6 +82,11 @@ class RunPlan:
     @property
     def world_size(self) -> int:
         return self.job.world_size
+
+    @property
+    def zero3(self) -> bool:
+        """Whether parameters are partitioned (ZeRO-3): every forward is collective."""
+        return self.config.deepspeed.zero_stage == 3
 
     def check(self) -> RunPlan:
         """The plan, if nothing is wrong; else the first problem, raised."""
@@ -137,8 +144,6 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
     resumes, as the ranks agreed on it (the Trainer), or ``"find"`` to look for it as rank 0
     would (the dry run). ``check_files``: check that local shard files exist. ``earlier``: the
     run directories earlier stages will write, and their configs (the dry run's ``--after``)."""
-    from pipeline.train.objectives import objective_of  # they build on the plan's modules
-
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: one of {STAGES}")
     c, problems = config, []
@@ -159,7 +164,7 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
             plan.accumulation = c.grad_accumulation_steps(world)
         plan.train_shards = attempt(shards_of, "data.train_shards", c.data.train_shards)
         per_epoch = c.data.samples_per_epoch or (plan.train_shards.num_samples if plan.train_shards else None)
-        plan.total_steps = c.total_steps(per_epoch)
+        plan.samples_per_epoch, plan.total_steps = per_epoch, c.total_steps(per_epoch)
         if plan.train_shards is not None:
             problems += check_shards("data.train_shards", plan.train_shards, c, check_files)
             if objective_of(c).needs_labels:
@@ -192,7 +197,7 @@ def resolve(config: Config, job: JobShape, stage: str = "train", *, resume: Path
             problems += check_shards("data.eval_shards", plan.eval_shards, c, check_files)
             if stage == "evaluate" or objective_of(c).needs_labels:
                 problems += check_labelled("data.eval_shards", plan.eval_shards, c)
-    if c.deepspeed.zero_stage == 3:
+    if plan.zero3:
         plan.eval_deepspeed = build_eval_deepspeed_config(c, world)
     return plan
 

@@ -166,7 +166,7 @@ class Trainer:
         weights = pretrained(init_from, config.model, reset_head=config.finetune.reset_head, ema=ema) \
             if init_from else None
         model = build_model(config.model, device=self.device, ds_config=self.plan.deepspeed,
-                            zero3=config.deepspeed.zero_stage == 3, weights=weights,
+                            zero3=self.plan.zero3, weights=weights,
                             make=lambda: objective_of(config).build(config))
         model.separate_heads = model.distilled  # validation scores each head besides their average
         if config.finetune.freeze_backbone:
@@ -189,7 +189,7 @@ class Trainer:
                                        c.data.randaugment)
         stream = TrainStream(plan.train_shards, transform, batch_size=plan.micro_batch, seed=c.run.seed, rank=env.rank,
                              world_size=env.world_size, num_workers=c.data.num_workers,
-                             samples_per_epoch=c.data.samples_per_epoch, shuffle_buffer=plan.shuffle_buffer,
+                             samples_per_epoch=plan.samples_per_epoch, shuffle_buffer=plan.shuffle_buffer,
                              num_classes=c.model.num_classes, labels=objective_of(c).needs_labels)
         if isinstance(c.data.shuffle_buffer, ByteSize) and self.is_main:
             log.info("data.shuffle_buffer %s bytes = %d samples per worker at %.1f kB a sample (the manifest's mean)",
@@ -328,7 +328,7 @@ class Trainer:
                     record["knn/top1"] = knn_top1(self.engine, *self.knn, self.normalize, self.plan.dtype, k=k.k,
                                                   temperature=k.temperature,
                                                   num_classes=len(self.plan.knn_shards[0].classes),
-                                                  zero3=self.config.deepspeed.zero_stage == 3, show=self.is_main)
+                                                  zero3=self.plan.zero3, show=self.is_main)
         finally:
             self.engine.train()
             set_rng_state(rng)

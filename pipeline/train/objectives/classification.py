@@ -42,10 +42,9 @@ class Classification(Objective):
 
     def validate(self, engine, stream, normalize, prefix):
         """Top-1, top-5 and loss (a distilled model's heads too) over the evaluation shards."""
-        c = self.config
-        tally = Tally(c.model.num_classes, self.device)
+        tally = Tally(self.config.model.num_classes, self.device)
         run_eval(engine, stream, tally, normalize, self.plan.dtype, show=self.is_main, desc=prefix,
-                 zero3=c.deepspeed.zero_stage == 3)
+                 zero3=self.plan.zero3)
         tally.all_reduce(summary=True)
         tally.check_complete(stream.num_samples)
         return {f"{prefix}/{k}": v for k, v in tally.summary().items()}

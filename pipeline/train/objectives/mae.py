@@ -78,7 +78,7 @@ class MaskedAutoencoding(Objective):
         seeded with its index in them."""
         n = self.num_patches
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, samples
-        zero3 = self.config.deepspeed.zero_stage == 3
+        zero3 = self.plan.zero3
         if prefix == "val":
             self.shown = None
         for batch in tqdm(eval_batches(stream), total=stream.batches_per_rank, disable=not self.is_main, desc=prefix,
