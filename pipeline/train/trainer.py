@@ -52,16 +52,19 @@ class Trainer:
     1. plan: rank 0 picks the checkpoint to resume, the others are told (a broadcast); then the
        run plan (:mod:`pipeline.train.run_plan`, what ``--dry-run`` prints), written to
        ``plan.json``: data, a batch or a length that does not fit is refused before any model work;
-    2. data: the training stream, and with ``train.eval_every`` the evaluation stream (none);
-    3. model and engine: the same initial weights everywhere; ``finetune.init_from`` read on rank 0
-       and broadcast; ZeRO-3 partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets);
-       with ``distill``, the frozen teacher, built alike (its identity read on rank 0, a broadcast);
+    2. data: the training stream, and with ``train.eval_every`` the evaluation and k-NN streams
+       (none);
+    3. model and engine: the module the objective trains (:mod:`pipeline.train.objectives`), the
+       same initial weights everywhere; ``finetune.init_from`` read on rank 0 and broadcast; ZeRO-3
+       partitions as it builds; ``deepspeed.initialize`` (broadcasts, buckets); then the objective,
+       with distillation its frozen teacher, built alike (its identity read on rank 0, a broadcast);
     4. state: the checkpoint loaded (every rank reads its partition), then the client state,
        and with ``train.ema_decay`` the EMA (each rank its own fragments; none);
     5. tracking: rank 0 starts or resumes the MLflow run, the others learn its id (a broadcast).
 
     With ``train.eval_every``, every rank holds the exact evaluation stream of ``data.eval_shards``
-    and validates the model (and its EMA) every that many steps and at the end.
+    and validates the model (and its EMA) as its objective measures it every that many steps and
+    at the end, with ``knn.*`` the k-NN top-1 of its representation (:mod:`pipeline.train.knn`).
     """
 
     def __init__(self, config: Config, env: DistEnv):

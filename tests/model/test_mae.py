@@ -95,3 +95,7 @@ def test_mae_config_mistakes_name_the_key():
     with pytest.raises(ConfigError, match="objective=distillation with distill.type=none"):
         load_config("configs/demo/pretrain.yaml", ["objective=distillation"])
     assert load_config("configs/demo/distill.yaml").objective == "distillation"  # distill.type alone
+    from pipeline.config import OBJECTIVES as NAMED
+    from pipeline.train.objectives import OBJECTIVES
+
+    assert tuple(OBJECTIVES) == NAMED  # every objective the config accepts has its class, and no other
