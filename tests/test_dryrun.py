@@ -181,3 +181,21 @@ def test_the_wall_time_and_workers_are_checked_against_the_slurm_script(imagenet
     ok, report, _ = dry_run("vit_h14_eval.yaml", moved_data("vit_h14_eval.yaml", imagenet) + ["data.num_workers=20"],
                             stage="evaluate", nodes=1, gpus_per_node=8, after=["vit_h14_ft448.yaml"])
     assert ok and "over slurm/evaluate.sh's --cpus-per-task=14" in report, report
+
+
+def test_a_knn_set_whose_classes_disagree_or_lack_labels_is_a_plan_problem(imagenet, tmp_path):
+    data = moved_data("vit_l16_mae.yaml", imagenet)
+    bank = f"knn.train_shards={imagenet}/data/imagenet1k/train.json"
+    ok, report, _ = dry_run("vit_l16_mae.yaml", data + [bank, f"knn.eval_shards={imagenet}/data/imagenet21k/val.json"],
+                            stage="train", nodes=4, gpus_per_node=8)
+    assert not ok and "knn.eval_shards=" in report and "lists 21843 classes" in report and "the same" in report
+    unlabelled = write_manifest(tmp_path / "crawl", "val", 1000, 0)
+    manifest = json.loads(unlabelled.read_text())
+    unlabelled.write_text(json.dumps({**manifest, "labelled": False}))
+    ok, report, _ = dry_run("vit_l16_mae.yaml", data + [bank, f"knn.eval_shards={unlabelled}"], stage="train",
+                            nodes=4, gpus_per_node=8)
+    assert not ok and f"knn.eval_shards={unlabelled}: its shards carry no labels" in report
+    # the MAE itself trains on them
+    ok, report, _ = dry_run("vit_l16_mae.yaml", data + [f"data.train_shards={unlabelled}"], stage="train", nodes=4,
+                            gpus_per_node=8)
+    assert ok, report
