@@ -99,14 +99,14 @@ def check_preemption_in_validation(shards: Path, out: Path, env) -> dict:
     config = demo_config(shards, out, env, "preempted", "train.total_steps=6", "train.eval_every=2",
                          "train.checkpoint_every=100", "deepspeed.zero_stage=3")
     trainer = Trainer(config, env)
-    validate = trainer._validate
+    validate = trainer.objective.validate
 
-    def validate_with_a_signal(prefix: str) -> dict:
+    def validate_with_a_signal(engine, stream, normalize, prefix: str) -> dict:
         if prefix == "val_ema" and env.rank == 1:
             signal.raise_signal(signal.SIGUSR1)
-        return validate(prefix)
+        return validate(engine, stream, normalize, prefix)
 
-    trainer._validate = validate_with_a_signal
+    trainer.objective.validate = validate_with_a_signal
     try:
         code = trainer.train()
     finally:
