@@ -134,12 +134,14 @@ def step_case(args, model: str, compiled: bool, work: Path) -> dict:
 
     env = setup_distributed()
     overrides = [f"run.output_dir={work}", "run.tracking_uri=none", f"data.train_shards={shards(work)}",
-                 "data.num_workers=0", "train.eval_every=null", "train.ema_decay=null", "train.epochs=null",
+                 "data.num_workers=0", "train.eval_every=null", "knn.train_shards=null", "knn.eval_shards=null",
+                 "train.ema_decay=null", "train.epochs=null",
                  "train.total_samples=null", "train.total_steps=1000000",
                  "train.log_every=1000000", "train.checkpoint_every=1000000", "train.resume=never",
                  f"model.compile={compiled}"]
     if args.tiny:
-        overrides += ["model.variant=mu/4", "model.image_size=16", "model.num_classes=10", "train.micro_batch_size=4"]
+        overrides += ["model.variant=mu/4", "model.image_size=16", "model.num_classes=10", "train.micro_batch_size=4",
+                      "mae.decoder_dim=32", "mae.decoder_depth=1", "mae.decoder_heads=2"]  # an MAE's decoder, tiny
     config = load_config(ROOT / SHIPPED[model], overrides)
     micro = config.train.micro_batch_size  # one micro-batch per optimizer step on one GPU
     config = load_config(ROOT / SHIPPED[model], overrides + [f"train.global_batch_size={micro}"])

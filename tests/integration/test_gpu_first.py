@@ -23,7 +23,8 @@ LENT = {"torch", "torchvision", "timm", "numpy", "pillow", "pyyaml", "einops", "
         "safetensors", "packaging", "msgpack", "ninja", "py-cpuinfo", "typing-extensions", "filelock", "fsspec",
         "jinja2", "markupsafe", "networkx", "sympy", "mpmath", "setuptools", "triton", "matplotlib", "contourpy",
         "cycler", "fonttools", "kiwisolver", "pyparsing", "python-dateutil", "six", "huggingface-hub"}
-PHASES = ["env", "eager-H14", "eager-L16", "compiled-H14", "compiled-L16", "correctness", "decode", "launcher"]
+PHASES = ["env", "eager-H14", "eager-L16", "eager-H14mae", "compiled-H14", "compiled-L16", "correctness", "decode",
+          "launcher"]
 
 
 def lent(name: str) -> bool:
@@ -75,4 +76,5 @@ def test_wheels_install_offline_and_the_tiny_form_runs_every_phase(tmp_path):
     assert by_phase["correctness"]["max_rel_diff_vs_cpu"] <= by_phase["correctness"]["tolerance"]
     assert by_phase["compiled-H14"]["block_graphs"] <= 2 and by_phase["compiled-H14"]["block_fallbacks"] == 0
     assert by_phase["launcher"]["resumed"] and by_phase["eager-L16"]["images_per_s"] > 0
+    assert by_phase["eager-H14mae"]["objective"] == "mae" and by_phase["eager-H14mae"]["images_per_s"] > 0
     assert by_phase["decode"]["pixel_max_diff_500x375"] <= 32  # the same crops: JPEG decoders differ a little
