@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-from pipeline.model.vit import VARIANTS, parse_variant
+from pipeline.model.vit import VARIANTS, kept_patches, parse_variant
 
 # Dense bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets (no sparsity).
 DEVICE_PEAK_TFLOPS = {
@@ -81,7 +81,7 @@ def mae_shapes(shape: VitShape, mask_ratio: float, decoder_dim: int, decoder_dep
     """A masked autoencoder as two parts: the encoder (``shape`` without a head) over its visible
     patches, and the decoder as a ViT of its width over every token, its pixel prediction
     standing in for a patch embedding (the same size); its input projection is left out."""
-    visible = max(1, int(shape.num_patches * (1 - mask_ratio)))
+    visible = kept_patches(shape.num_patches, mask_ratio)
     encoder = dataclasses.replace(shape, num_classes=0, pre_logits=None, visible_patches=visible)
     decoder = dataclasses.replace(encoder, width=decoder_dim, depth=decoder_depth, mlp_dim=4 * decoder_dim,
                                   heads=decoder_heads, visible_patches=None)

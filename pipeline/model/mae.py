@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from pipeline.model.layers import Block
-from pipeline.model.vit import VisionTransformer, _layer_norm, vit_from_config
+from pipeline.model.vit import VisionTransformer, _layer_norm, kept_patches, vit_from_config
 
 MAE_DECODER = ("decoder_", "mask_token")  # what a masked autoencoder has beside its encoder (the ViT's keys)
 
@@ -30,7 +30,7 @@ class MaskedAutoencoder(VisionTransformer):
                  decoder_heads: int = 16, **vit):
         super().__init__(**{**vit, "num_classes": 0})  # no head: the decoder is what trains
         patches = self.grid_size[0] * self.grid_size[1]
-        self.num_keep = max(1, int(patches * (1 - mask_ratio)))
+        self.num_keep = kept_patches(patches, mask_ratio)
         in_chans = self.patch_embed.proj.in_channels
         self.decoder_embed = nn.Linear(self.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -63,7 +63,7 @@ class MaskedAutoencoder(VisionTransformer):
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None,
                 pre_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         if noise is None:
-            return super().forward(images, pre_logits=True)
+            return super().forward(images, pre_logits=pre_logits)
         order = noise.argsort(dim=1)  # ascending: the first num_keep are visible
         restore = order.argsort(dim=1)
         keep = order[:, :self.num_keep]

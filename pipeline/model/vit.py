@@ -230,7 +230,7 @@ class VisionTransformer(nn.Module):
             )
         tokens = [t for t in (self.cls_token, self.dist_token) if t is not None]
         if keep is None and self.patch_dropout and self.training:  # a random subset of each image's patches
-            count = max(1, int(x.shape[1] * (1 - self.patch_dropout)))
+            count = kept_patches(x.shape[1], self.patch_dropout)
             keep = torch.rand(x.shape[0], x.shape[1], device=x.device).argsort(dim=1)[:, :count]
         if keep is None:
             prefix = [t.expand(x.shape[0], -1, -1) for t in tokens]
@@ -267,6 +267,12 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Logits; with ``pre_logits`` the pooled representation (what k-NN monitoring scores)."""
         return self.forward_head(self.forward_features(x), pre_logits=pre_logits)
+
+
+def kept_patches(patches: int, dropped: float) -> int:
+    """Patches that stay visible when a share ``dropped`` of ``patches`` is hidden (MAE's mask
+    ratio, patch dropout): at least one, rounded down as MAE's reference rounds."""
+    return max(1, int(patches * (1 - dropped)))
 
 
 def head_average(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

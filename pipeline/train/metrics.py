@@ -18,6 +18,11 @@ def max_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def window_mean(sums: dict[str, float], key: str) -> float:
+    """A log window's mean of ``key`` over its finite micro-batches (NaN without any)."""
+    return sums[key] / sums["finite"] if sums["finite"] else float("nan")
+
+
 class Meter:
     """Accumulates a log window: step time and data wait on the host; the objective's named sums
     (loss, finite micro-batches, ...) on the device, read only when the window is logged."""
@@ -49,8 +54,8 @@ class Meter:
         return torch.zeros(len(self.names), dtype=torch.float64, device=device) if self.sums is None else self.sums
 
     def mean(self, name: str = "loss") -> float:
-        """The window's mean of ``name`` over its finite micro-batches (a host read)."""
-        return float(self.sums[self.names.index(name)] / self.sums[self.names.index("finite")])
+        """The window's mean of ``name`` over this rank's finite micro-batches (a host read)."""
+        return window_mean(dict(zip(self.names, self.sums.tolist())), name)
 
     def exclude(self, seconds: float) -> None:
         """Leave ``seconds`` (a validation) out of the window's time."""

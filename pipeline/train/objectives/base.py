@@ -13,7 +13,7 @@ from pipeline.config import Config
 class Objective:
     """A training objective: the model it trains, its loss, the named sums its log lines are made
     of, its training FLOPs per image, and what validation measures. One instance per rank, made
-    by the Trainer after the engine (:func:`pipeline.train.objectives.start_objective`).
+    by the Trainer after the engine (a distillation's teacher is built then).
 
     A subclass sets :attr:`name` (the config's ``objective``), :attr:`sums` and :attr:`needs_labels`,
     and implements :meth:`step` and :meth:`record`; the class methods serve the run plan and the
@@ -45,11 +45,12 @@ class Objective:
         import dataclasses
 
         from pipeline.flops import VitShape
+        from pipeline.model.vit import kept_patches
 
         shape = VitShape.from_config(config.model)
         if config.model.patch_dropout:  # the blocks run over the patches kept
-            shape = dataclasses.replace(shape, visible_patches=max(1, int(shape.num_patches *
-                                                                          (1 - config.model.patch_dropout))))
+            shape = dataclasses.replace(shape, visible_patches=kept_patches(shape.num_patches,
+                                                                            config.model.patch_dropout))
         return shape
 
     @classmethod
@@ -87,8 +88,3 @@ def finite_sums(loss: torch.Tensor, **terms: torch.Tensor) -> dict[str, torch.Te
     finite = torch.isfinite(loss)
     return {"loss": torch.where(finite, loss, 0.0), "finite": finite.double(),
             **{k: torch.where(finite, v, 0.0) for k, v in terms.items()}}
-
-
-def window_mean(sums: dict[str, float], key: str) -> float:
-    """The window's mean of ``key`` over its finite micro-batches (NaN without any)."""
-    return sums[key] / sums["finite"] if sums["finite"] else float("nan")

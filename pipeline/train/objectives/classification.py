@@ -7,7 +7,8 @@ from pipeline.data import batch_mixer
 from pipeline.model import head_average
 from pipeline.train.distill import distillation_loss, start_teacher
 from pipeline.train.evaluation import Tally, run_eval
-from pipeline.train.objectives.base import Objective, finite_sums, window_mean
+from pipeline.train.metrics import window_mean
+from pipeline.train.objectives.base import Objective, finite_sums
 
 
 class Classification(Objective):

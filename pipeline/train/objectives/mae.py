@@ -14,7 +14,8 @@ from einops import rearrange
 from tqdm import tqdm
 
 from pipeline.data import eval_batches
-from pipeline.train.objectives.base import Objective, finite_sums, window_mean
+from pipeline.train.metrics import window_mean
+from pipeline.train.objectives.base import Objective, finite_sums
 
 
 PICTURED = 8  # validation images in each reconstruction picture
