@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 DEEPSPEED := $(VENV)/bin/deepspeed
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (tests/conftest.py groups the tests that share a fixture)
+TEST_WORKERS ?= 2
 # Dotted overrides for every demo stage, e.g. make demo DEMO_ARGS=run.seed=1
 DEMO_ARGS ?=
 
@@ -24,7 +26,7 @@ lint: install  ## ruff (pyproject.toml): pyflakes, pycodestyle at 120 columns, r
 	$(VENV)/bin/ruff check .
 
 test: install lint  ## lint, then run every test tier (unit, integration, system)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only
 	$(PY) -m pytest -m "not integration and not system" $(PYTEST_ARGS)

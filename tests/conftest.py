@@ -40,3 +40,25 @@ def digits_images(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits-images")
     write_shards(digits_source(), out, val_fraction=0.2, max_count=100, progress=False, unlabelled=True)
     return out
+
+
+# `make test` runs two pytest-xdist workers with --dist loadgroup. Most of a multi-rank test's time
+# is process start, imports and waiting on servers, so two run side by side in well under twice
+# the time of one. A module is one group, so its module fixtures (a shared training run) run once;
+# the SLURM modules are one group, since each starts daemons on this machine. The longest group
+# (SLURM) goes first, then the other tiers heaviest first, so that no long group starts last.
+SHARED_WORKER = {"tests/system/test_slurm.py": "slurm", "tests/system/test_slurm_multinode.py": "slurm"}
+TIERS = ("system", "integration")
+
+
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    def order(item) -> tuple[bool, int]:
+        tier = next((i for i, name in enumerate(TIERS) if item.get_closest_marker(name)), len(TIERS))
+        return module(item) not in SHARED_WORKER, tier
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module(item), module(item))))
+    items.sort(key=order)  # stable: tests keep their order within a module

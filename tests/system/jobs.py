@@ -31,9 +31,18 @@ def job_state(cluster_env, job: str, client=here) -> dict:
 def wait_for_end(cluster_env, job: str, deadline: float, client=here) -> dict:
     """The job's final state (a requeued job runs again before it ends). Slurm holds a requeued
     job for about two minutes (``Reason=BeginTime``), then starts it at its next scheduling pass;
-    that wait tests nothing of ours, so a held job is made eligible at once."""
-    while (state := job_state(cluster_env, job, client)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED") \
-            and time.time() < deadline:
+    that wait tests nothing of ours, so a held job is made eligible at once. An ended state counts
+    once it has held for 3 s: a job requeued from its own batch script can show one on its way back
+    to PENDING."""
+    ended_since = None
+    while time.time() < deadline:
+        state = job_state(cluster_env, job, client)
+        if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
+            ended_since = None
+        elif ended_since is None:
+            ended_since = time.time()
+        elif time.time() - ended_since >= 3:
+            break
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and int(state.get("Restarts", 0)):
             subprocess.run(client("scontrol", "update", f"JobId={job}", "StartTime=now"), env=cluster_env,
                            capture_output=True)

@@ -6,6 +6,7 @@ The pipeline and a preempted pretraining run are tested across two nodes
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -93,7 +94,9 @@ def test_preempted_evaluation_exits_75_and_is_requeued(slurm_cluster, sbatch_pre
     assert wait_for_log(log_path, "batch/s", deadline, poll=0.5), "evaluation did not start"
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm_cluster, check=True)
     final, log_text = wait_for_end(slurm_cluster, job, deadline), read_log(log_path)
-    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, log_text[-3000:]
+    controller_log = (Path(slurm_cluster["SLURM_CONF"]).parent / "slurmctld.log").read_text()
+    assert final["JobState"] == "COMPLETED" and int(final["Restarts"]) == 1, \
+        f"{final}\n{log_text[-3000:]}\nslurmctld.log:\n{controller_log[-3000:]}"
     assert "evaluation stopped on SIGUSR1: exiting with 75" in log_text
     assert "preempted (what was worth keeping is saved): requeueing" in log_text and "restart 1" in log_text
     report = json.loads((tmp_path / "demo-evaluate/report.json").read_text())
