@@ -26,7 +26,7 @@ lint: install  ## ruff (pyproject.toml): pyflakes, pycodestyle at 120 columns, r
 	$(VENV)/bin/ruff check .
 
 test: install lint  ## lint, then run every test tier (unit, integration, system)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install  ## unit tests only
 	$(PY) -m pytest -m "not integration and not system" $(PYTEST_ARGS)

@@ -42,23 +42,35 @@ def digits_images(tmp_path_factory) -> Path:
     return out
 
 
-# `make test` runs two pytest-xdist workers with --dist loadgroup. Most of a multi-rank test's time
-# is process start, imports and waiting on servers, so two run side by side in well under twice
-# the time of one. A module is one group, so its module fixtures (a shared training run) run once;
-# the SLURM modules are one group, since each starts daemons on this machine. The longest group
-# (SLURM) goes first, then the other tiers heaviest first, so that no long group starts last.
+# `make test` runs two pytest-xdist workers. Most of a multi-rank test's time is process start,
+# imports and waiting on servers, so two run side by side in well under twice the time of one.
+# A module goes to one worker, so its module fixtures (a shared training run) run once; both SLURM
+# modules go to the same one, since each starts daemons on this machine. They go first, then the
+# other tiers heaviest first, so that no long module starts last.
 SHARED_WORKER = {"tests/system/test_slurm.py": "slurm", "tests/system/test_slurm_multinode.py": "slurm"}
 TIERS = ("system", "integration")
 
 
-def pytest_collection_modifyitems(config, items):
-    def module(item) -> str:
-        return item.nodeid.split("::")[0]
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
 
+
+def pytest_collection_modifyitems(config, items):
     def order(item) -> tuple[bool, int]:
         tier = next((i for i, name in enumerate(TIERS) if item.get_closest_marker(name)), len(TIERS))
-        return module(item) not in SHARED_WORKER, tier
+        return _module(item.nodeid) not in SHARED_WORKER, tier
 
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module(item), module(item))))
     items.sort(key=order)  # stable: tests keep their order within a module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-by-scope scheduling, a scope being a module or SHARED_WORKER's group.
+    (Its --dist loadgroup marks do not reach the scheduler under pytest 9.2, whose node ids
+    no longer come from the attribute that xdist 3.8 rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return SHARED_WORKER.get(_module(nodeid), _module(nodeid))
+
+    return ByModule(config, log)
