@@ -51,7 +51,8 @@ def discover(local_rank_arg: int | None = None) -> DistEnv:
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", "29500")
+    # A process group of one meets no one: any free port, so that runs side by side never collide
+    env.setdefault("MASTER_PORT", str(free_port()))
     return DistEnv(0, 1, 0, "single")
 
 

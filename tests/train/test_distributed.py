@@ -38,9 +38,19 @@ def test_srun_exports_what_torch_needs(monkeypatch):
 
 
 def test_single_process(monkeypatch):
+    import os
+    import socket
+
     unset(monkeypatch, *EXPORTED, "SLURM_PROCID", "SLURM_NTASKS")
-    env = discover()
-    assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+    with socket.socket() as other:  # another run on this host holds torch's default port
+        try:
+            other.bind(("127.0.0.1", 29500))
+        except OSError:
+            pass  # held already
+        env = discover()
+        assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+        with socket.socket() as ours:  # a group of one takes a free port, not the fixed one
+            ours.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))
 
 
 def test_threads_fit_the_cores_a_rank_may_run_on(monkeypatch, caplog):
