@@ -32,8 +32,8 @@ def wait_for_end(cluster_env, job: str, deadline: float, client=here) -> dict:
     """The job's final state (a requeued job runs again before it ends). Slurm holds a requeued
     job for about two minutes (``Reason=BeginTime``), then starts it at its next scheduling pass;
     that wait tests nothing of ours, so a held job is made eligible at once. An ended state counts
-    once it has held for 3 s: a job requeued from its own batch script can show one on its way back
-    to PENDING."""
+    once it has held for 3 s, in case a job requeued from its own batch script shows one on its way
+    back to PENDING (CI once saw FAILED after a requeue; the cause is not known)."""
     ended_since = None
     while time.time() < deadline:
         state = job_state(cluster_env, job, client)
