@@ -12,13 +12,11 @@ from tests.helpers import ROOT, metrics, run_deepspeed, train_args
 
 pytestmark = pytest.mark.integration
 
-# class-token pooling, as when objective_golden.json was recorded
-TEACHER = ["train.total_steps=20", "train.checkpoint_every=10", "model.global_pool=token"]
+TEACHER = ["train.total_steps=20", "train.checkpoint_every=10"]
 
-STUDENT = ["deepspeed.zero_stage=3", "model.variant=mu/2", "model.distilled=true", "model.global_pool=token",
-           "distill.type=hard", "distill.partition=true", "distill.alpha=0.5", "train.total_steps=6",
-           "train.checkpoint_every=3", "train.eval_every=6", "data.mixup=0.8",
-           "data.cutmix=1.0", "data.label_smoothing=0.1"]
+STUDENT = ["deepspeed.zero_stage=3", "model.variant=mu/2", "model.distilled=true", "distill.type=hard",
+           "distill.partition=true", "distill.alpha=0.5", "train.total_steps=6", "train.checkpoint_every=3",
+           "train.eval_every=6", "data.mixup=0.8", "data.cutmix=1.0", "data.label_smoothing=0.1"]
 
 
 @pytest.fixture(scope="module")

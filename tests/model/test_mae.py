@@ -60,7 +60,7 @@ def test_loss_is_the_mean_error_on_hidden_patches_of_normalised_pixels():
 
 def test_encoder_keys_are_the_classifiers_and_the_rest_is_the_decoder():
     config, model = tiny()
-    classifier = create_vit("pico/2", num_classes=0, image_size=8, global_pool=config.model.global_pool).state_dict()
+    classifier = create_vit("pico/2", num_classes=0, image_size=8).state_dict()
     ours = model.state_dict()
     assert {k: v.shape for k, v in ours.items() if not k.startswith(MAE_DECODER)} == \
         {k: v.shape for k, v in classifier.items()}
@@ -91,7 +91,7 @@ def test_mae_config_mistakes_name_the_key():
         with pytest.raises(ConfigError, match="mae.mask_ratio"):
             load_config("configs/demo/pretrain.yaml", ["objective=mae", bad])
     with pytest.raises(ConfigError, match="objective=mae trains an encoder without a head"):
-        load_config("configs/demo/pretrain.yaml", ["objective=mae", "model.distilled=true", "model.global_pool=token"])
+        load_config("configs/demo/pretrain.yaml", ["objective=mae", "model.distilled=true"])
     with pytest.raises(ConfigError, match="objective=distillation with distill.type=none"):
         load_config("configs/demo/pretrain.yaml", ["objective=distillation"])
     assert load_config("configs/demo/distill.yaml").objective == "distillation"  # distill.type alone

@@ -50,7 +50,7 @@ def test_the_teacher_a_config_names(tmp_path):
     checkpoint.mkdir(parents=True)
     model = {"variant": "pico/2", "image_size": 8, "num_classes": 10}
     (checkpoint / "complete.json").write_text(json.dumps({"step": 4, "world_size": 2, "model": model}))
-    student = ["model.variant=mu/2", "model.distilled=true", "model.global_pool=token", "distill.type=hard"]
+    student = ["model.variant=mu/2", "model.distilled=true", "distill.type=hard"]
     spec = teacher_spec(load_config("demo/pretrain", [*student, f"distill.teacher={tmp_path}/teacher"]))
     assert spec.checkpoint == checkpoint and spec.model.variant == "pico/2" and spec.model.image_size == 8
     weights, ema = teacher_identity(spec), teacher_identity(spec, ema=True)  # its EMA is another teacher
