@@ -31,21 +31,17 @@ def job_state(cluster_env, job: str, client=here) -> dict:
 def wait_for_end(cluster_env, job: str, deadline: float, client=here) -> dict:
     """The job's final state (a requeued job runs again before it ends). Slurm holds a requeued
     job for about two minutes (``Reason=BeginTime``), then starts it at its next scheduling pass;
-    that wait tests nothing of ours, so a held job is made eligible at once. An ended state counts
-    once it has held for 3 s, in case a job requeued from its own batch script shows one on its way
-    back to PENDING (CI once saw FAILED after a requeue; the cause is not known)."""
-    ended_since = None
-    while time.time() < deadline:
-        state = job_state(cluster_env, job, client)
-        if state.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"):
-            ended_since = None
-        elif ended_since is None:
-            ended_since = time.time()
-        elif time.time() - ended_since >= 3:
-            break
+    that wait tests nothing of ours, so a held job is made eligible after 3 s. Not at once: a
+    start in the second of the requeue finds the killed instance's credential revoked, and slurmctld
+    fails the job ("Killing non-startable batch job: Job credential revoked", seen in CI)."""
+    held_since = None
+    while (state := job_state(cluster_env, job, client)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED") \
+            and time.time() < deadline:
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime" and int(state.get("Restarts", 0)):
-            subprocess.run(client("scontrol", "update", f"JobId={job}", "StartTime=now"), env=cluster_env,
-                           capture_output=True)
+            held_since = held_since or time.time()
+            if time.time() - held_since >= 3:
+                subprocess.run(client("scontrol", "update", f"JobId={job}", "StartTime=now"), env=cluster_env,
+                               capture_output=True)
         time.sleep(1)
     return job_state(cluster_env, job, client)
 
